@@ -1,0 +1,106 @@
+"""ChatML prompts and the chat surfaces (SPEC section 7)."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from .generation import SamplingParams, iter_tokens
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+
+def make_context(tokenizer, query: str, history=None, system: str = "", max_window_size: int = 6144,
+                 chat_format: str = "chatml") -> tuple[str, list[int]]:
+    """The original's prompt text and ids: newest history turns first while under max_window_size."""
+    if chat_format == "raw":
+        return query, tokenizer.encode(query)
+    if chat_format != "chatml":
+        raise ValueError(f"unknown chat_format {chat_format!r}; use 'chatml' or 'raw'")
+    history = history or []
+    tags = set(tokenizer.IMAGE_ST)  # inside turns only the image/box tags are special
+    nl = tokenizer.encode("\n")
+    start, end = [tokenizer.im_start_id], [tokenizer.im_end_id]
+
+    def turn(role: str, content: str) -> tuple[str, list[int]]:
+        if not isinstance(content, str):
+            raise TypeError(f"a {role} turn must be text, got {type(content).__name__} "
+                            "(use tokenizer.from_list_format to build text with images)")
+        ids = tokenizer.encode(role, allowed_special=tags) + nl + tokenizer.encode(content, allowed_special=tags)
+        return f"{IM_START}{role}\n{content}{IM_END}", start + ids + end
+
+    system_text, system_ids = turn("system", system)
+    raw_text, context = "", []
+    for query_i, response_i in reversed(history):
+        query_text, query_ids = turn("user", query_i)
+        if response_i is not None:
+            response_text, response_ids = turn("assistant", response_i)
+            next_ids = nl + query_ids + nl + response_ids
+            next_text = f"\n{query_text}\n{response_text}"
+        else:
+            next_ids, next_text = nl + query_ids + nl, f"\n{query_text}\n"
+        if len(system_ids) + len(next_ids) + len(context) >= max_window_size:
+            break
+        context, raw_text = next_ids + context, next_text + raw_text
+    query_text, query_ids = turn("user", query)
+    context = system_ids + context + nl + query_ids + nl + start + tokenizer.encode("assistant") + nl
+    raw_text = system_text + raw_text + f"\n{query_text}\n{IM_START}assistant\n"
+    return raw_text, context
+
+
+def stop_words(tokenizer) -> list[list[int]]:
+    return [[tokenizer.im_end_id], [tokenizer.im_start_id]]
+
+
+def _response_ids(ids: list[int], tokenizer) -> list[int]:
+    """New ids up to (not including) the first end-of-turn or end-of-text id."""
+    ends = {tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id}
+    for i, t in enumerate(ids):
+        if t in ends:
+            return ids[:i]
+    return ids
+
+
+def _prepare(model, tokenizer, query, history, system, kwargs):
+    if query is None or (isinstance(query, str) and not query.strip()):
+        raise ValueError("the query is empty")
+    if isinstance(query, list):
+        query = tokenizer.from_list_format(query)
+    generation_config = kwargs.pop("generation_config", None) or model.generation_config
+    max_window_size = kwargs.pop("max_window_size", None) or generation_config.max_window_size
+    _, context = make_context(tokenizer, query, history=history, system=system, max_window_size=max_window_size,
+                              chat_format=generation_config.chat_format)
+    stops = [list(s) for s in (kwargs.pop("stop_words_ids", None) or [])] + stop_words(tokenizer)
+    kwargs.pop("stream", None)
+    params = SamplingParams.build(generation_config, stop_words_ids=stops, **kwargs)
+    return query, torch.tensor([context]), params
+
+
+def chat(model, tokenizer, query, history=None, system: str = DEFAULT_SYSTEM, append_history: bool = True,
+         **kwargs) -> tuple[str, list]:
+    """One chat turn: (response, history), the history extended with (query, response) when append_history."""
+    history = [] if history is None else history
+    query, input_ids, params = _prepare(model, tokenizer, query, history, system, kwargs)
+    new = [int(t) for t in iter_tokens(model, input_ids, params=params)]
+    response = tokenizer.decode(_response_ids(new, tokenizer), errors="replace").strip()
+    if append_history:
+        history.append((query, response))
+    return response, history
+
+
+def chat_stream(model, tokenizer, query, history=None, system: str = DEFAULT_SYSTEM, **kwargs) -> Iterator[str]:
+    """Yield the growing response text; `<ref>`/`<box>` tags are kept and no multi-byte character is split."""
+    history = [] if history is None else history
+    query, input_ids, params = _prepare(model, tokenizer, query, history, system, kwargs)
+    new: list[int] = []
+    shown = ""
+    for token in iter_tokens(model, input_ids, params=params):
+        new.append(int(token))
+        text = tokenizer.decode(_response_ids(new, tokenizer), errors="replace").strip()
+        if text != shown and not text.endswith("\ufffd"):  # U+FFFD at the end: a character still incomplete
+            shown = text
+            yield text
+    final = tokenizer.decode(_response_ids(new, tokenizer), errors="replace").strip()
+    if final != shown:
+        yield final

@@ -1,0 +1,202 @@
+"""Loading and saving checkpoints in the official layout (SPEC section 2).
+
+Weights are read one shard at a time onto a model built without memory (meta device), safetensors
+memory-mapped, so peak memory stays one model plus one shard's worth of conversion.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+from .config import GenerationConfig, QWenConfig
+from .model.qwen_vl import QWenLMHeadModel
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# Buffers some checkpoints carry that the model recomputes.
+IGNORED_TAILS = {("rotary_emb", "inv_freq"), ("attn", "bias"), ("attn", "masked_bias")}
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message names the file and the key."""
+
+
+def weight_files(path: str) -> list[str]:
+    """The weight files of a checkpoint folder, in load order."""
+    for name in INDEX_FILES:
+        index = os.path.join(path, name)
+        if os.path.exists(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index} is not a valid shard index ({e})") from None
+            files = sorted(set(weight_map.values()))
+            for shard in files:
+                if not os.path.exists(os.path.join(path, shard)):
+                    raise CheckpointError(f"{index} lists shard {shard}, which is missing from {path}")
+            return [os.path.join(path, f) for f in files]
+    for name in WEIGHT_FILES:
+        if os.path.exists(os.path.join(path, name)):
+            return [os.path.join(path, name)]
+    raise CheckpointError(f"no weights in {path}: expected one of {', '.join(WEIGHT_FILES + INDEX_FILES)}")
+
+
+def read_shard(file: str):
+    """Yield (name, tensor) of one weight file, lazily: safetensors memory-mapped, .bin mmapped when possible."""
+    try:
+        if file.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+            return
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which one
+        raise CheckpointError(f"cannot read weight file {file}: {e}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} does not hold a state dict")
+    yield from state.items()
+
+
+def resolve_dtype(config: QWenConfig, device: torch.device, torch_dtype=None, bf16=False, fp16=False, fp32=False):
+    """The official precedence: explicit flags or torch_dtype, then config.json's flags, then the best the device runs."""
+    if sum(map(bool, (bf16, fp16, fp32))) > 1:
+        raise ValueError("give at most one of bf16=True, fp16=True, fp32=True")
+    if bf16 or fp16 or fp32:
+        return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+    if isinstance(torch_dtype, str) and torch_dtype != "auto":
+        if torch_dtype not in DTYPES:
+            raise ValueError(f"unknown torch_dtype {torch_dtype!r}; use one of {', '.join(sorted(DTYPES))} or 'auto'")
+        return DTYPES[torch_dtype]
+    if isinstance(torch_dtype, torch.dtype):
+        return torch_dtype
+    if config.bf16 or config.fp16 or config.fp32:
+        return torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def resolve_device(device_map) -> torch.device:
+    if device_map is None or device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, dict):
+        devices = set(device_map.values())
+        if len(devices) != 1:
+            raise ValueError("device_map dicts that split the model over several devices are not supported; "
+                             "pass 'cpu', 'cuda', 'cuda:N' or 'auto'")
+        device_map = devices.pop()
+    device = torch.device(device_map if not isinstance(device_map, int) else f"cuda:{device_map}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device_map={device_map!r} asks for CUDA, but no CUDA device is available")
+    return device
+
+
+class _Progress:
+    """One line on stderr, shown only for checkpoints large enough to make a user wait."""
+
+    def __init__(self, total: int, label: str, enabled: bool):
+        self.total, self.label, self.enabled, self.start = total, label, enabled, time.time()
+
+    def update(self, done: int) -> None:
+        if self.enabled:
+            end = "\n" if done == self.total else ""
+            print(f"\r{self.label}: {done}/{self.total} ({time.time() - self.start:.0f}s)", end=end,
+                  file=sys.stderr, flush=True)
+
+
+def load_weights(model: QWenLMHeadModel, files: list[str], dtype: torch.dtype, device: torch.device,
+                 progress: bool | None = None) -> None:
+    """Fill a meta-device model from weight files, checking every name and shape."""
+    expected = {name: p.shape for name, p in model.state_dict(keep_vars=True).items()}
+    seen: set[str] = set()
+    if progress is None:
+        progress = sum(os.path.getsize(f) for f in files) > (1 << 30)
+    bar = _Progress(len(files), "Loading checkpoint shards", progress)
+    for n, file in enumerate(files, 1):
+        tensors = {}
+        for name, tensor in read_shard(file):
+            if tuple(name.split(".")[-2:]) in IGNORED_TAILS:
+                continue
+            if name not in expected:
+                raise CheckpointError(f"{file} has a tensor the model does not know: {name} "
+                                      "(is this a Qwen-VL checkpoint of this architecture?)")
+            if tuple(tensor.shape) != tuple(expected[name]):
+                raise CheckpointError(f"{file}: {name} has shape {tuple(tensor.shape)}, config.json implies "
+                                      f"{tuple(expected[name])}")
+            tensors[name] = tensor.to(device=device, dtype=dtype)
+            seen.add(name)
+        model.load_state_dict(tensors, strict=False, assign=True)
+        del tensors
+        bar.update(n)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"the checkpoint lacks {len(missing)} tensors the model needs: {shown}")
+
+
+def check_folder(path) -> str:
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint folder not found: {path}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise CheckpointError(f"{path} has no config.json, so it is not a Qwen-VL checkpoint folder")
+    return path
+
+
+def from_pretrained(path, *, bf16: bool = False, fp16: bool = False, fp32: bool = False, torch_dtype=None,
+                    device_map=None, progress: bool | None = None, **ignored) -> QWenLMHeadModel:
+    """Load an official Qwen-VL checkpoint folder; accepts the official keyword arguments."""
+    path = check_folder(path)
+    config = QWenConfig.from_json(os.path.join(path, "config.json"))
+    if config.quantization_config:
+        raise CheckpointError(f"{path} is a quantized ({config.quantization_config.get('quant_method', '?')}) "
+                              "checkpoint; Int4 checkpoints are not supported by this version")
+    files = weight_files(path)
+    device = resolve_device(device_map)
+    dtype = resolve_dtype(config, device, torch_dtype, bf16, fp16, fp32)
+    with torch.device("meta"):
+        model = QWenLMHeadModel(config, GenerationConfig.from_json(os.path.join(path, "generation_config.json")))
+    load_weights(model, files, dtype, device, progress)
+    model.name_or_path = path
+    return model.eval()
+
+
+def save_pretrained(model: QWenLMHeadModel, path: str, max_shard_bytes: int = 2 << 30) -> None:
+    """Write config, generation config and sharded safetensors + index in the official layout."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    shards, current, size = [], {}, 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensor
+        size += nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        tmp = os.path.join(path, name + ".tmp")
+        save_file(shard, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(path, name))  # never leave a half-written shard under its real name
+        weight_map.update({k: name for k in shard})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        with open(os.path.join(path, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    model.config.save(path)
+    model.generation_config.save(path)

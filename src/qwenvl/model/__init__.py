@@ -1,0 +1,3 @@
+from .qwen_vl import CausalLMOutput, QWenLMHeadModel
+
+__all__ = ["CausalLMOutput", "QWenLMHeadModel"]

@@ -1,0 +1,160 @@
+"""The language model (Qwen-7B decoder), SPEC section 4, with a preallocated KV cache.
+
+Every row of a batch carries its own positions (left padding does not shift them), its own dynamic-NTK
+alpha (fixed at prefill from the row's own length) and its own log-n scale, so a row computes what it
+computes alone.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import QWenConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def ntk_alpha(length: int, seq_length: int) -> float:
+    """Dynamic-NTK alpha of a sequence prefilled with `length` tokens (the original's formula, verbatim)."""
+    context_value = math.log(length / seq_length, 2) + 1
+    return float(max(2 ** math.ceil(context_value) - 1, 1))
+
+
+class Rotary:
+    """cos/sin tables for given positions and per-row alphas, in float32 like the original."""
+
+    def __init__(self, dim: int, base: float):
+        self.dim, self.base = dim, base
+        self._inv_freq: dict[tuple[float, str], torch.Tensor] = {}
+
+    def inv_freq(self, alpha: float, device) -> torch.Tensor:
+        key = (alpha, str(device))
+        if key not in self._inv_freq:
+            base = self.base * alpha ** (self.dim / (self.dim - 2))
+            self._inv_freq[key] = 1.0 / (base ** (torch.arange(0, self.dim, 2, device=device).float() / self.dim))
+        return self._inv_freq[key]
+
+    def tables(self, positions: torch.Tensor, alphas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> cos, sin [B, 1, T, dim]."""
+        inv = torch.stack([self.inv_freq(a, positions.device) for a in alphas])  # [B, dim/2]
+        freqs = positions.float()[:, :, None] * inv[:, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; the rotation in float32, on the first cos.shape[-1] dims."""
+    rot = cos.shape[-1]
+    xf = x[..., :rot].float()
+    out = xf * cos + rotate_half(xf) * sin
+    if rot < x.shape[-1]:
+        out = torch.cat((out, x[..., rot:].float()), dim=-1)
+    return out.type_as(x)
+
+
+def logn_scale(positions: torch.Tensor, seq_length: int) -> torch.Tensor:
+    """log(p + 1) / log(seq_length) where p + 1 > seq_length, else 1; positions [B, T] -> [B, 1, T, 1]."""
+    p1 = positions.double() + 1
+    scale = torch.where(p1 > seq_length, torch.log(p1) / math.log(seq_length), torch.ones_like(p1))
+    return scale.float()[:, None, :, None]
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer, preallocated: [layers, B, heads, max_len, head_dim]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    length: int = 0  # columns filled so far (same for every row: rows are left-padded)
+
+    @classmethod
+    def allocate(cls, config: QWenConfig, batch: int, max_len: int, dtype, device) -> "KVCache":
+        shape = (config.num_hidden_layers, batch, config.num_attention_heads, max_len, config.head_dim)
+        return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+
+@dataclass
+class Step:
+    """What every layer needs for one forward call over columns [start, start + T) of the batch."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    logn: torch.Tensor | None  # [B, 1, T, 1] or None
+    mask: torch.Tensor | None  # bool [B, 1, T, S] (True = attend) or None for plain causal
+    start: int
+    cache: KVCache | None
+    layer: int = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, config: QWenConfig):
+        super().__init__()
+        self.heads, self.head_dim = config.num_attention_heads, config.head_dim
+        projection = config.kv_channels * config.num_attention_heads
+        self.c_attn = nn.Linear(config.hidden_size, 3 * projection)
+        self.c_proj = nn.Linear(projection, config.hidden_size, bias=not config.no_bias)
+
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.c_attn(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q = apply_rotary(q, step.cos, step.sin)
+        k = apply_rotary(k, step.cos, step.sin)
+        if step.logn is not None:
+            q = q * step.logn.to(q.dtype)
+        if step.cache is not None:
+            end = step.start + t
+            step.cache.k[step.layer, :, :, step.start:end] = k
+            step.cache.v[step.layer, :, :, step.start:end] = v
+            k, v = step.cache.k[step.layer, :, :, :end], step.cache.v[step.layer, :, :, :end]
+        if step.mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask)
+        return self.c_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: QWenConfig):
+        super().__init__()
+        inner = config.intermediate_size // 2
+        self.w1 = nn.Linear(config.hidden_size, inner, bias=not config.no_bias)
+        self.w2 = nn.Linear(config.hidden_size, inner, bias=not config.no_bias)
+        self.c_proj = nn.Linear(inner, config.hidden_size, bias=not config.no_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))  # SiLU on w2, as the checkpoints were trained
+
+
+class Block(nn.Module):
+    def __init__(self, config: QWenConfig):
+        super().__init__()
+        self.ln_1 = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.attn = Attention(config)
+        self.ln_2 = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        h = x + self.attn(self.ln_1(x), step)
+        return h + self.mlp(self.ln_2(h))

@@ -1,0 +1,202 @@
+"""Qwen-VL: the decoder with the vision tower's output spliced into the image spans (SPEC section 5).
+
+`QWenLMHeadModel` keeps the checkpoint's module names (`transformer.h.{i}...`, `transformer.visual...`,
+`lm_head`) and the original's call surfaces (`model(input_ids=...).logits`, `generate`, `chat`,
+`chat_stream`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import images as image_io
+from ..config import GenerationConfig, QWenConfig
+from .language import Block, KVCache, RMSNorm, Rotary, Step, logn_scale, ntk_alpha
+from .vision import VisionTower
+
+IMAGE_FEATURE_BATCH = 8  # images through the ViT at once
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None = None
+
+
+@dataclass
+class Rows:
+    """Per-row facts of a left-padded batch, fixed at prefill."""
+
+    pads: torch.Tensor  # [B] left-pad columns of each row
+    alphas: list[float]  # dynamic-NTK alpha of each row
+    padded: bool  # any row has padding (then masks are needed)
+
+
+class QWenModel(nn.Module):
+    def __init__(self, config: QWenConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.visual = VisionTower(config.visual)
+        self.rotary = Rotary(config.rotary_dim, config.rotary_emb_base)
+        self.gradient_checkpointing = False
+
+    def run_blocks(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        for i, block in enumerate(self.h):
+            step.layer = i
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, step, use_reentrant=False)
+            else:
+                x = block(x, step)
+        return self.ln_f(x)
+
+
+class QWenLMHeadModel(nn.Module):
+    def __init__(self, config: QWenConfig, generation_config: GenerationConfig | None = None):
+        super().__init__()
+        self.config = config
+        self.generation_config = generation_config or GenerationConfig()
+        self.transformer = QWenModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    # ---- images -----------------------------------------------------------------------------------
+
+    def encode_images(self, images: list) -> torch.Tensor:
+        """Images (paths, URLs, data URIs, bytes, PIL images, or pixel tensors [3, S, S]) -> [n, 256, hidden]."""
+        size = self.config.visual.image_size
+        pixels = [im if isinstance(im, torch.Tensor) else image_io.preprocess(image_io.load_image(im), size)
+                  for im in images]
+        if not pixels:
+            return torch.empty(0, self.config.visual.n_queries, self.config.visual.output_dim,
+                               dtype=self.dtype, device=self.device)
+        out = [self.transformer.visual(torch.stack(pixels[i:i + IMAGE_FEATURE_BATCH]).to(self.device))
+               for i in range(0, len(pixels), IMAGE_FEATURE_BATCH)]
+        return torch.cat(out)
+
+    def image_spans(self, input_ids: torch.Tensor) -> list[tuple[int, int]]:
+        """(row, column of <img>) of every image span, row-major; checks each span is 258 tokens."""
+        start_id = self.config.visual.image_start_id
+        starts = (input_ids == start_id).nonzero().tolist()
+        ends = (input_ids == start_id + 1).nonzero().tolist()
+        if len(starts) != len(ends):
+            raise ValueError(f"the prompt has {len(starts)} <img> but {len(ends)} </img> tokens")
+        span = self.config.visual.n_queries + 1
+        for (r, a), (r2, b) in zip(starts, ends):
+            if r != r2 or b - a != span:
+                raise ValueError(f"malformed image span in row {r} at column {a}: an image takes "
+                                 f"<img> + {span - 1} ids + </img>; build prompts with the tokenizer")
+        return [(r, a) for r, a in starts]
+
+    def embed(self, input_ids: torch.Tensor, images: list | None = None) -> torch.Tensor:
+        """Token embeddings with each image span's 256 positions replaced by that image's features."""
+        x = self.transformer.wte(input_ids)
+        spans = self.image_spans(input_ids)
+        if not spans:
+            if images:
+                raise ValueError(f"{len(images)} images were given but the prompt has no <img></img> span")
+            return x
+        if images is None:
+            n = self.config.visual.n_queries
+            images = [image_io.decode_reference(input_ids[r, a + 1:a + 1 + n].tolist()) for r, a in spans]
+        elif len(images) != len(spans):
+            raise ValueError(f"{len(images)} images were given for {len(spans)} <img></img> spans in the prompt")
+        features = self.encode_images(images).to(x.dtype)
+        x = x.clone()
+        for (r, a), f in zip(spans, features):
+            x[r, a + 1:a + 1 + f.shape[0]] = f
+        return x
+
+    # ---- decoder ----------------------------------------------------------------------------------
+
+    def rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Rows:
+        b, t = input_ids.shape
+        if attention_mask is None:
+            pads = torch.zeros(b, dtype=torch.long, device=input_ids.device)
+        else:
+            attention_mask = attention_mask.to(input_ids.device)
+            pads = t - attention_mask.long().sum(1)
+            expected = torch.arange(t, device=input_ids.device)[None, :] >= pads[:, None]
+            if not torch.equal(attention_mask.bool(), expected):
+                raise ValueError("attention_mask must describe left padding (zeros, then ones, in every row); "
+                                 "set tokenizer.padding_side = 'left'")
+            if bool((pads == t).any()):
+                raise ValueError("a row of the batch is all padding")
+        lengths = (t - pads).tolist()
+        use_ntk = self.config.use_dynamic_ntk and not self.training
+        alphas = [ntk_alpha(n, self.config.seq_length) if use_ntk else 1.0 for n in lengths]
+        return Rows(pads=pads, alphas=alphas, padded=bool((pads > 0).any()))
+
+    def step(self, rows: Rows, start: int, length: int, cache: KVCache | None) -> Step:
+        """Rotary tables, log-n scale and mask for columns [start, start + length) of every row."""
+        device = rows.pads.device
+        columns = torch.arange(start, start + length, device=device)
+        positions = (columns[None, :] - rows.pads[:, None]).clamp(min=0)
+        cos, sin = self.transformer.rotary.tables(positions, rows.alphas)
+        logn = logn_scale(positions, self.config.seq_length) if self.config.use_logn_attn and not self.training else None
+        mask = None
+        if rows.padded:
+            keys = torch.arange(start + length, device=device)
+            mask = (keys[None, None, :] <= columns[None, :, None]) & (keys[None, None, :] >= rows.pads[:, None, None])
+            # a pad query attends to itself, so no row of the softmax is empty (that would give NaN)
+            mask |= keys[None, None, :] == columns[None, :, None]
+            mask = mask[:, None]
+        return Step(cos=cos, sin=sin, logn=logn, mask=mask, start=start, cache=cache)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                images: list | None = None, labels: torch.Tensor | None = None, **ignored) -> CausalLMOutput:
+        """Logits for every position (no cache); with `labels`, also the shifted cross-entropy loss."""
+        input_ids = input_ids.to(self.device)
+        rows = self.rows(input_ids, attention_mask)
+        hidden = self.transformer.run_blocks(self.embed(input_ids, images), self.step(rows, 0, input_ids.shape[1], None))
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(self.device),
+                                   ignore_index=-100)
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, images: list | None,
+                max_new_tokens: int) -> tuple[torch.Tensor, KVCache, Rows]:
+        """Run the prompt into a fresh cache sized for `max_new_tokens` more; return the last logits [B, V]."""
+        b, t = input_ids.shape
+        rows = self.rows(input_ids, attention_mask)
+        cache = KVCache.allocate(self.config, b, t + max_new_tokens, self.dtype, self.device)
+        hidden = self.transformer.run_blocks(self.embed(input_ids, images), self.step(rows, 0, t, cache))
+        cache.length = t
+        return self.lm_head(hidden[:, -1]), cache, rows
+
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache, rows: Rows) -> torch.Tensor:
+        """One new token per row [B] -> next logits [B, V]."""
+        if cache.length >= cache.capacity:
+            raise RuntimeError("the KV cache is full")
+        x = self.transformer.wte(tokens[:, None])
+        hidden = self.transformer.run_blocks(x, self.step(rows, cache.length, 1, cache))
+        cache.length += 1
+        return self.lm_head(hidden[:, -1])
+
+    # ---- generation and chat (see generation.py and chat.py) --------------------------------------
+
+    def generate(self, input_ids=None, **kwargs):
+        from ..generation import generate
+        return generate(self, input_ids, **kwargs)
+
+    def chat(self, tokenizer, query, history=None, system="You are a helpful assistant.", **kwargs):
+        from ..chat import chat
+        return chat(self, tokenizer, query, history=history, system=system, **kwargs)
+
+    def chat_stream(self, tokenizer, query, history=None, system="You are a helpful assistant.", **kwargs):
+        from ..chat import chat_stream
+        return chat_stream(self, tokenizer, query, history=history, system=system, **kwargs)
