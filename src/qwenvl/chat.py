@@ -53,13 +53,17 @@ def stop_words(tokenizer) -> list[list[int]]:
     return [[tokenizer.im_end_id], [tokenizer.im_start_id]]
 
 
-def _response_ids(ids: list[int], tokenizer) -> list[int]:
-    """New ids up to (not including) the first end-of-turn or end-of-text id."""
+def _response_ids(ids: list[int], tokenizer, drop_last_if_cut: bool = False) -> list[int]:
+    """New ids up to (not including) the first end-of-turn or end-of-text id.
+
+    With drop_last_if_cut, an answer cut off by max_new_tokens also loses its last token: the original's
+    `_decode_chatml` does this (its search loop ends on the last index), and chat responses must match it.
+    """
     ends = {tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id}
     for i, t in enumerate(ids):
         if t in ends:
             return ids[:i]
-    return ids
+    return ids[:-1] if drop_last_if_cut else ids
 
 
 def _prepare(model, tokenizer, query, history, system, kwargs):
@@ -83,7 +87,7 @@ def chat(model, tokenizer, query, history=None, system: str = DEFAULT_SYSTEM, ap
     history = [] if history is None else history
     query, input_ids, params = _prepare(model, tokenizer, query, history, system, kwargs)
     new = [int(t) for t in iter_tokens(model, input_ids, params=params)]
-    response = tokenizer.decode(_response_ids(new, tokenizer), errors="replace").strip()
+    response = tokenizer.decode(_response_ids(new, tokenizer, drop_last_if_cut=True), errors="replace").strip()
     if append_history:
         history.append((query, response))
     return response, history
