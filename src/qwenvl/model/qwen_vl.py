@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import images as image_io
 from ..config import GenerationConfig, QWenConfig
-from .language import Block, KVCache, RMSNorm, Rotary, Step, logn_scale, ntk_alpha
+from .language import Block, KVCache, Linear, RMSNorm, Rotary, Step, logn_scale, ntk_alpha
 from .vision import VisionTower
 
 IMAGE_FEATURE_BATCH = 8  # images through the ViT at once
@@ -62,7 +62,7 @@ class QWenLMHeadModel(nn.Module):
         self.config = config
         self.generation_config = generation_config or GenerationConfig()
         self.transformer = QWenModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @property
     def device(self) -> torch.device:
