@@ -78,16 +78,17 @@ def _prepare(model, tokenizer, query, history, system, kwargs):
     stops = [list(s) for s in (kwargs.pop("stop_words_ids", None) or [])] + stop_words(tokenizer)
     kwargs.pop("stream", None)
     params = SamplingParams.build(generation_config, stop_words_ids=stops, **kwargs)
-    return query, torch.tensor([context]), params
+    return query, torch.tensor([context]), params, generation_config.chat_format
 
 
 def chat(model, tokenizer, query, history=None, system: str = DEFAULT_SYSTEM, append_history: bool = True,
          **kwargs) -> tuple[str, list]:
     """One chat turn: (response, history), the history extended with (query, response) when append_history."""
     history = [] if history is None else history
-    query, input_ids, params = _prepare(model, tokenizer, query, history, system, kwargs)
+    query, input_ids, params, chat_format = _prepare(model, tokenizer, query, history, system, kwargs)
     new = [int(t) for t in iter_tokens(model, input_ids, params=params)]
-    response = tokenizer.decode(_response_ids(new, tokenizer, drop_last_if_cut=True), errors="replace").strip()
+    cut = chat_format == "chatml"  # only the original's ChatML decoder has the quirk
+    response = tokenizer.decode(_response_ids(new, tokenizer, drop_last_if_cut=cut), errors="replace").strip()
     if append_history:
         history.append((query, response))
     return response, history
@@ -96,7 +97,7 @@ def chat(model, tokenizer, query, history=None, system: str = DEFAULT_SYSTEM, ap
 def chat_stream(model, tokenizer, query, history=None, system: str = DEFAULT_SYSTEM, **kwargs) -> Iterator[str]:
     """Yield the growing response text; `<ref>`/`<box>` tags are kept and no multi-byte character is split."""
     history = [] if history is None else history
-    query, input_ids, params = _prepare(model, tokenizer, query, history, system, kwargs)
+    query, input_ids, params, _ = _prepare(model, tokenizer, query, history, system, kwargs)
     new: list[int] = []
     shown = ""
     for token in iter_tokens(model, input_ids, params=params):

@@ -1,0 +1,244 @@
+"""`qwenvl chat`, `qwenvl generate`, `qwenvl bench`: the command line.
+
+A user's mistake (a missing file, a bad image, an unknown option value) ends in one line on stderr
+and a non-zero exit, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .boxes import draw_boxes, parse_boxes, split_tags, to_pixels
+from .images import ImageError, load_image, short_label
+
+USER_ERRORS = (ValueError, TypeError, OSError, ImageError, KeyError)
+
+
+class UsageError(Exception):
+    """A command-line mistake; its message is shown as is."""
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", required=True, help="checkpoint folder (official Qwen-VL layout)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="weights and compute precision (auto: config.json's flag, else the best for the device)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system", default="You are a helpful assistant.", help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: generation_config.json (512)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the checkpoint's sampling")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+
+
+def _sampling_kwargs(args) -> dict:
+    kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+              "top_k": args.top_k, "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+    if args.greedy:
+        kwargs["do_sample"] = False
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _load(args):
+    from . import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = {"auto": {}, "bf16": {"bf16": True}, "fp16": {"fp16": True}, "fp32": {"fp32": True}}[args.dtype]
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, device_map=args.device, **dtype)
+    return model, tokenizer
+
+
+def _latest_image(text: str, history) -> str | None:
+    for query in [text] + [q for q, _ in reversed(history or [])]:
+        images = [e["image"] for e in split_tags(query, strict=False) if "image" in e]
+        if images:
+            return images[-1]
+    return None
+
+
+def _draw(response: str, history, out: str) -> str:
+    """Save the boxes of `response` on the newest image of the conversation; returns a status line."""
+    boxes = parse_boxes(response)
+    if not boxes:
+        return "the answer has no boxes to draw"
+    image_ref = _latest_image(response, history)
+    if image_ref is None:
+        return "there is no image in the conversation to draw on"
+    picture = draw_boxes(load_image(image_ref).convert("RGB"), boxes)
+    tmp = out + ".tmp" + os.path.splitext(out)[1]
+    picture.save(tmp)  # then rename: a failed save never leaves a half-written file under the real name
+    os.replace(tmp, out)
+    return f"saved {len(boxes)} box(es) on {short_label(image_ref, 60)} to {out}"
+
+
+def _query(tokenizer, images: list[str], prompt: str) -> str:
+    for image in images:  # fail early, with the file's name, before any model work
+        load_image(image)
+    return tokenizer.from_list_format([{"image": i} for i in images] + [{"text": prompt}])
+
+
+def cmd_generate(args) -> int:
+    if not args.prompt.strip() and not args.image:
+        raise UsageError("--prompt is empty")
+    model, tokenizer = _load(args)
+    query = _query(tokenizer, args.image, args.prompt)
+    response, history = model.chat(tokenizer, query, history=[], system=args.system, **_sampling_kwargs(args))
+    status = _draw(response, history, args.draw) if args.draw else None
+    if args.json:
+        boxes = parse_boxes(response)
+        image_ref = _latest_image(response, history)
+        if boxes and image_ref is not None:
+            width, height = load_image(image_ref).size
+            for b in boxes:
+                b["pixels"] = to_pixels(b["box"], width, height)
+        print(json.dumps({"response": response, "boxes": boxes, "images": args.image, "drawn": args.draw
+                          if status and status.startswith("saved") else None}, ensure_ascii=False))
+    else:
+        print(response)
+    if status:
+        print(status, file=sys.stderr)
+    return 0
+
+
+CHAT_HELP = """Type a message and press Enter. Commands:
+  :image PATH_OR_URL   attach an image to your next message (repeat for several)
+  :draw FILE.png       save the boxes of the last answer drawn on its image
+  :history             show the conversation so far
+  :clear               forget the conversation and attached images
+  :help                this text
+  :quit                leave (Ctrl-D works too)"""
+
+
+def cmd_chat(args) -> int:
+    model, tokenizer = _load(args)
+    history: list = []
+    pending: list[str] = list(args.image or [])
+    print(f"qwenvl chat: {args.model}. Type :help for commands.", file=sys.stderr)
+    while True:
+        try:
+            line = input("User> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        command, _, rest = line.partition(" ")
+        rest = rest.strip()
+        try:
+            if command in (":quit", ":exit", ":q"):
+                return 0
+            if command == ":help":
+                print(CHAT_HELP)
+            elif command == ":clear":
+                history, pending = [], []
+                print("(conversation cleared)")
+            elif command == ":history":
+                for i, (q, r) in enumerate(history, 1):
+                    print(f"[{i}] User: {q}\n[{i}] Assistant: {r}")
+                if not history:
+                    print("(no turns yet)")
+            elif command == ":image":
+                if not rest:
+                    raise UsageError(":image needs a path or URL")
+                load_image(rest)
+                pending.append(rest)
+                print(f"(attached {short_label(rest, 60)}; it goes with your next message)")
+            elif command == ":draw":
+                if not history:
+                    raise UsageError("there is no answer to draw yet")
+                print(_draw(history[-1][1], history, rest or "boxes.png"))
+            elif command.startswith(":"):
+                raise UsageError(f"unknown command {command}; type :help")
+            else:
+                query = _query(tokenizer, pending, line)
+                print("Assistant> ", end="", flush=True)
+                shown = ""
+                try:
+                    for text in model.chat_stream(tokenizer, query, history=history, system=args.system,
+                                                  **_sampling_kwargs(args)):
+                        print(text[len(shown):] if text.startswith(shown) else "\n" + text, end="", flush=True)
+                        shown = text
+                except KeyboardInterrupt:
+                    print(" [interrupted]", end="")
+                print()
+                history.append((query, shown))
+                pending = []
+        except (UsageError, *USER_ERRORS) as e:
+            print(f"error: {e}", file=sys.stderr)
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from . import bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model and args.random_config:
+        raise UsageError("give either -m/--model or --random-config, not both")
+    if args.model:
+        model, _ = _load(args)
+    else:
+        from .loading import resolve_device
+        device = resolve_device(args.device)
+        dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
+                 "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        model = bench.random_model(bench.random_config(args.random_config or "0.5b"), dtype, device)
+    bench.run(model, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwenvl", description="Run Qwen-VL models: chat, one-shot generation, benchmarks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat with images, streaming")
+    _add_model_options(p)
+    _add_sampling_options(p)
+    p.add_argument("--image", action="append", default=[], help="image for the first message (repeatable)")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="one question about zero or more images")
+    _add_model_options(p)
+    _add_sampling_options(p)
+    p.add_argument("--image", action="append", default=[], help="image path, URL or data: URI (repeatable)")
+    p.add_argument("--prompt", required=True, help="the question or instruction")
+    p.add_argument("--draw", metavar="OUT.png", help="save the answer's boxes drawn on the (last) image")
+    p.add_argument("--json", action="store_true", help="print the answer and its boxes as JSON")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="speed: image encode, prefill, decode tokens/s vs the memory-bandwidth ceiling")
+    p.add_argument("-m", "--model", help="checkpoint folder")
+    p.add_argument("--random-config", choices=["tiny", "0.5b", "9.6b"], help="random weights of this shape")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="text tokens after the image (default 64)")
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5, help="runs per figure; medians are reported")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, *USER_ERRORS) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"qwenvl: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
