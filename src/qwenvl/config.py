@@ -128,6 +128,11 @@ class GenerationConfig:
         known = {k: v for k, v in data.items() if k in names and v is not None}
         return cls(**known, extra={k: v for k, v in data.items() if k not in names})
 
+    @classmethod
+    def from_pretrained(cls, path, **ignored) -> "GenerationConfig":
+        """A checkpoint folder's generation_config.json, as transformers' `GenerationConfig.from_pretrained`."""
+        return cls.from_json(os.path.join(os.fspath(path), "generation_config.json"))
+
     def to_dict(self) -> dict:
         data = dict(self.extra)
         data.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})

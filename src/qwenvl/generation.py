@@ -109,6 +109,8 @@ def iter_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
         generator = torch.Generator(device=model.device).manual_seed(int(params.seed))
     batch = input_ids.shape[0]
     sequences = input_ids.to(model.device)
+    if attention_mask is not None:  # pads are no part of a row: the repetition penalty sees the row's last token
+        sequences = torch.where(attention_mask.to(model.device).bool(), sequences, sequences[:, -1:])
     eos = torch.tensor(params.eos_token_id or [-1], device=model.device)
     done = torch.zeros(batch, dtype=torch.bool, device=model.device)
     generated: list[list[int]] = [[] for _ in range(batch)]

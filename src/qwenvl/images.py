@@ -72,7 +72,10 @@ _registry = _ReferenceRegistry()
 
 def short_label(reference: str, limit: int = 80) -> str:
     """A reference shortened for error messages (data URIs can be megabytes)."""
-    return reference if len(reference) <= limit else reference[: limit - 3] + "..."
+    if len(reference) <= limit:
+        return reference
+    head = (limit - 3) // 2
+    return reference[:head] + "..." + reference[-(limit - 3 - head):]  # keep the end: a path's file name is there
 
 
 def encode_reference(reference: str) -> list[int]:

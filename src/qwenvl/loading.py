@@ -158,7 +158,11 @@ def from_pretrained(path, *, bf16: bool = False, fp16: bool = False, fp32: bool 
                     device_map=None, progress: bool | None = None, **ignored) -> QWenLMHeadModel:
     """Load an official Qwen-VL checkpoint folder; accepts the official keyword arguments."""
     path = check_folder(path)
-    config = QWenConfig.from_json(os.path.join(path, "config.json"))
+    try:
+        config = QWenConfig.from_json(os.path.join(path, "config.json"))
+        generation_config = GenerationConfig.from_json(os.path.join(path, "generation_config.json"))
+    except ValueError as e:  # a broken config file is a broken checkpoint: one error type to catch
+        raise CheckpointError(str(e)) from None
     if config.quantization_config:
         raise CheckpointError(f"{path} is a quantized ({config.quantization_config.get('quant_method', '?')}) "
                               "checkpoint; Int4 checkpoints are not supported by this version")
@@ -166,7 +170,7 @@ def from_pretrained(path, *, bf16: bool = False, fp16: bool = False, fp32: bool 
     device = resolve_device(device_map)
     dtype = resolve_dtype(config, device, torch_dtype, bf16, fp16, fp32)
     with torch.device("meta"):
-        model = QWenLMHeadModel(config, GenerationConfig.from_json(os.path.join(path, "generation_config.json")))
+        model = QWenLMHeadModel(config, generation_config)
     load_weights(model, files, dtype, device, progress)
     model.name_or_path = path
     return model.eval()
