@@ -328,3 +328,14 @@ def test_readme_quickstart(in_golden):
     original = Image.open("images/shapes_640x480.png").convert("RGB")
     assert boxed.getpixel((64, 480 * 4 // 10)) != original.getpixel((64, 480 * 4 // 10))  # the left edge
     assert boxed.getpixel((600, 20)) == original.getpixel((600, 20))  # far from the box: untouched
+
+
+def test_unknown_keyword_is_refused(golden_dir):
+    with pytest.raises(TypeError, match="fp23"):
+        qwenvl.AutoModelForCausalLM.from_pretrained(golden_dir / "checkpoint", fp23=True)
+
+
+def test_visual_that_is_not_an_object_is_a_checkpoint_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"hidden_size": 8, "visual": 3}')
+    with pytest.raises(qwenvl.CheckpointError, match="visual"):
+        qwenvl.AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -76,8 +76,8 @@ class QWenConfig:
                 data = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(data, dict) or "visual" not in data or "hidden_size" not in data:
-            raise ValueError(f"{path} is not a Qwen-VL config.json (it has no 'visual' or 'hidden_size' key)")
+        if not isinstance(data, dict) or not isinstance(data.get("visual"), dict) or "hidden_size" not in data:
+            raise ValueError(f"{path} is not a Qwen-VL config.json (it needs a 'visual' object and 'hidden_size')")
         return cls.from_dict(data)
 
     def to_dict(self) -> dict:

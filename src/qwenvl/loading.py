@@ -154,9 +154,17 @@ def check_folder(path) -> str:
     return path
 
 
+# transformers keywords that official examples pass and that change nothing here
+IGNORED_KWARGS = {"trust_remote_code", "low_cpu_mem_usage", "use_safetensors", "revision", "resume_download",
+                  "local_files_only", "use_flash_attn", "attn_implementation", "cache_dir", "offload_folder"}
+
+
 def from_pretrained(path, *, bf16: bool = False, fp16: bool = False, fp32: bool = False, torch_dtype=None,
-                    device_map=None, progress: bool | None = None, **ignored) -> QWenLMHeadModel:
+                    device_map=None, progress: bool | None = None, **kwargs) -> QWenLMHeadModel:
     """Load an official Qwen-VL checkpoint folder; accepts the official keyword arguments."""
+    unknown = sorted(set(kwargs) - IGNORED_KWARGS)
+    if unknown:
+        raise TypeError(f"from_pretrained got unknown keyword argument(s): {', '.join(unknown)}")
     path = check_folder(path)
     try:
         config = QWenConfig.from_json(os.path.join(path, "config.json"))
