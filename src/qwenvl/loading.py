@@ -13,6 +13,7 @@ import time
 import torch
 
 from .config import GenerationConfig, QWenConfig
+from .model.language import pack_for_cpu
 from .model.qwen_vl import QWenLMHeadModel
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -181,6 +182,7 @@ def from_pretrained(path, *, bf16: bool = False, fp16: bool = False, fp32: bool 
         model = QWenLMHeadModel(config, generation_config)
     load_weights(model, files, dtype, device, progress)
     model.name_or_path = path
+    pack_for_cpu(model)
     return model.eval()
 
 
