@@ -136,3 +136,10 @@ def test_console_script_is_declared():
     scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
     assert scripts.get("qwenvl") == "qwenvl.cli:main"
     assert qwenvl.__version__
+
+
+def test_bench_refuses_a_config_that_does_not_fit(capsys, monkeypatch):
+    from qwenvl import bench
+    monkeypatch.setattr(bench, "available_memory", lambda device: 1 << 30)
+    code, out, err = run(capsys, "bench", "--random-config", "0.5b", "--dtype", "fp32")
+    assert code == 2 and out == "" and "GB available" in err and err.count("\n") == 1

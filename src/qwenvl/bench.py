@@ -34,12 +34,29 @@ def random_config(name: str) -> QWenConfig:
     return QWenConfig(**spec, visual=visual)
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for a model on `device` (None where it cannot be told)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def random_model(config: QWenConfig, dtype: torch.dtype, device: torch.device, seed: int = 0):
     """A model with small random weights (speed does not depend on their values)."""
     from .model import QWenLMHeadModel
 
     with torch.device("meta"):
         model = QWenLMHeadModel(config)
+    weights = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
+    free = available_memory(device)
+    if free is not None and weights * 1.3 + (1 << 30) > free:  # weights, packing, allocator slack, activations (measured)
+        raise MemoryError(f"this config's weights take {weights / 1e9:.1f} GB in {str(dtype).replace('torch.', '')} "
+                          f"and {device} has {free / 1e9:.1f} GB available: use a smaller config or a bigger device")
     generator = torch.Generator().manual_seed(seed)
     state = {}
     for name, p in model.state_dict(keep_vars=True).items():

@@ -106,6 +106,15 @@ def parse_quads(text: str) -> list[dict]:
             for numbers, ref in _parse_shapes(text, "quad", 8)]
 
 
+def latest_image(response: str, history=None) -> str | None:
+    """The newest image reference: the response's last, else the last of each history query, newest first."""
+    for text in [response] + [query for query, _ in reversed(history or [])]:
+        images = [e["image"] for e in split_tags(text, strict=False) if "image" in e]
+        if images:
+            return images[-1]
+    return None
+
+
 def to_pixels(box, width: int, height: int) -> tuple[int, int, int, int]:
     """A 0-1000 box in pixel coordinates of a width x height image (the original drawing helper's /1000)."""
     x1, y1, x2, y2 = box

@@ -10,10 +10,10 @@ import json
 import os
 import sys
 
-from .boxes import draw_boxes, parse_boxes, split_tags, to_pixels
+from .boxes import draw_boxes, latest_image, parse_boxes, to_pixels
 from .images import ImageError, load_image, short_label
 
-USER_ERRORS = (ValueError, TypeError, OSError, ImageError, KeyError)
+USER_ERRORS = (ValueError, TypeError, OSError, ImageError, KeyError, MemoryError)
 
 
 class UsageError(Exception):
@@ -55,20 +55,12 @@ def _load(args):
     return model, tokenizer
 
 
-def _latest_image(text: str, history) -> str | None:
-    for query in [text] + [q for q, _ in reversed(history or [])]:
-        images = [e["image"] for e in split_tags(query, strict=False) if "image" in e]
-        if images:
-            return images[-1]
-    return None
-
-
 def _draw(response: str, history, out: str) -> str:
     """Save the boxes of `response` on the newest image of the conversation; returns a status line."""
     boxes = parse_boxes(response)
     if not boxes:
         return "the answer has no boxes to draw"
-    image_ref = _latest_image(response, history)
+    image_ref = latest_image(response, history)
     if image_ref is None:
         return "there is no image in the conversation to draw on"
     picture = draw_boxes(load_image(image_ref).convert("RGB"), boxes)
@@ -93,7 +85,7 @@ def cmd_generate(args) -> int:
     status = _draw(response, history, args.draw) if args.draw else None
     if args.json:
         boxes = parse_boxes(response)
-        image_ref = _latest_image(response, history)
+        image_ref = latest_image(response, history)
         if boxes and image_ref is not None:
             width, height = load_image(image_ref).size
             for b in boxes:

@@ -307,14 +307,7 @@ class QWenTokenizer:
         """The latest picture (in the response, else the history queries, newest first) with the response's
         boxes drawn on it; None when there is no box or no picture."""
         found = box_utils.parse_boxes(response)
-        reference = self._latest_image(response, history or [])
+        reference = box_utils.latest_image(response, history)
         if not found or reference is None:
             return None
         return box_utils.draw_boxes(load_image(reference).convert("RGB"), found)
-
-    def _latest_image(self, response: str, history) -> str | None:
-        for text in [response] + [query for query, _ in reversed(history)]:
-            images = [e["image"] for e in box_utils.split_tags(text, strict=False) if "image" in e]
-            if images:
-                return images[-1]
-        return None
