@@ -443,14 +443,16 @@ def test_malformed_image_span_is_refused(model, tokenizer):
         model(not_bytes)
 
 
-def test_right_padding_is_refused(model, tokenizer):
+def test_right_padding_forward_equals_solo_but_generate_refuses_it(model, tokenizer):
     ids = torch.tensor([tokenizer("Hello there, world")["input_ids"]] * 2)
     mask = torch.ones_like(ids)
-    mask[1, -1] = 0
-    with pytest.raises(ValueError, match="left padding"):
-        model(ids, attention_mask=mask)
+    mask[1, -2:] = 0
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask).logits
+        solo = model(ids[1:, :-2]).logits
+    torch.testing.assert_close(padded[1, :-2], solo[0], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="left padding"):
         model.generate(ids, attention_mask=mask, max_new_tokens=1)
     mask[1] = 0
     with pytest.raises(ValueError, match="all padding"):
-        model(ids, attention_mask=mask)
+        model.generate(ids, attention_mask=mask, max_new_tokens=1)

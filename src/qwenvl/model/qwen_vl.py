@@ -24,6 +24,7 @@ IMAGE_FEATURE_BATCH = 8  # images through the ViT at once
 class CausalLMOutput:
     logits: torch.Tensor | None
     loss: torch.Tensor | None = None
+    num_tokens: int | None = None  # supervised tokens behind `loss`
 
 
 @dataclass
@@ -155,18 +156,60 @@ class QWenLMHeadModel(nn.Module):
             mask = mask[:, None]
         return Step(cos=cos, sin=sin, logn=logn, mask=mask, start=start, cache=cache)
 
+    def full_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  position_ids: torch.Tensor | None, segment_ids: torch.Tensor | None) -> Step:
+        """Tables and mask for a whole batch without cache: any padding side, packed rows isolated."""
+        b, t = input_ids.shape
+        device = input_ids.device
+        valid = None if attention_mask is None else attention_mask.to(device).bool()
+        if position_ids is None:
+            position_ids = (valid.long().cumsum(1) - 1).clamp(min=0) if valid is not None else \
+                torch.arange(t, device=device).expand(b, t)
+        position_ids = position_ids.to(device)
+        inference = not self.training
+        lengths = (position_ids.max(1).values + 1).tolist()  # a row's length; a packed row's longest sample
+        alphas = [ntk_alpha(n, self.config.seq_length) if self.config.use_dynamic_ntk and inference else 1.0
+                  for n in lengths]
+        cos, sin = self.transformer.rotary.tables(position_ids, alphas)
+        logn = logn_scale(position_ids, self.config.seq_length) if self.config.use_logn_attn and inference else None
+        mask = None
+        if segment_ids is not None or (valid is not None and not bool(valid.all())):
+            index = torch.arange(t, device=device)
+            mask = (index[None, :] <= index[:, None])[None]
+            if valid is not None:
+                mask = mask & valid[:, None, :]
+            if segment_ids is not None:
+                segments = segment_ids.to(device)
+                mask = mask & (segments[:, :, None] == segments[:, None, :])
+            mask = (mask | torch.eye(t, dtype=torch.bool, device=device))[:, None]  # pads attend to themselves
+        return Step(cos=cos, sin=sin, logn=logn, mask=mask, start=0, cache=None)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                images: list | None = None, labels: torch.Tensor | None = None, **ignored) -> CausalLMOutput:
-        """Logits for every position (no cache); with `labels`, also the shifted cross-entropy loss."""
+                images: list | None = None, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                reduction: str = "mean", **ignored) -> CausalLMOutput:
+        """Every position at once (no cache), for scoring and training; any padding side.
+
+        `segment_ids` (0 = padding, 1, 2, ... per sample) with `position_ids` restarting per sample isolate
+        samples packed into one row. With `labels` (unshifted, -100 = ignored), only the supervised positions
+        go through lm_head: the result has the loss (`reduction` "mean" or "sum") and no logits.
+        """
         input_ids = input_ids.to(self.device)
-        rows = self.rows(input_ids, attention_mask)
-        hidden = self.transformer.run_blocks(self.embed(input_ids, images), self.step(rows, 0, input_ids.shape[1], None))
-        logits = self.lm_head(hidden)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(self.device),
-                                   ignore_index=-100)
-        return CausalLMOutput(logits=logits, loss=loss)
+        step = self.full_step(input_ids, attention_mask, position_ids, segment_ids)
+        hidden = self.transformer.run_blocks(self.embed(input_ids, images), step)
+        if labels is None:
+            return CausalLMOutput(logits=self.lm_head(hidden))
+        targets = labels[:, 1:].to(self.device)
+        supervised = targets != -100
+        if segment_ids is not None:  # a sample's last token does not predict the next sample's first
+            segments = segment_ids.to(self.device)
+            supervised &= segments[:, 1:] == segments[:, :-1]
+        count = int(supervised.sum())
+        if count == 0:  # keeps the graph (and the gradient, zero) when a batch has nothing to learn
+            return CausalLMOutput(logits=None, loss=hidden.sum() * 0.0, num_tokens=0)
+        logits = self.lm_head(hidden[:, :-1][supervised])
+        loss = F.cross_entropy(logits.float(), targets[supervised], reduction=reduction)
+        return CausalLMOutput(logits=None, loss=loss, num_tokens=count)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, images: list | None,
                 max_new_tokens: int) -> tuple[torch.Tensor, KVCache, Rows]:
