@@ -188,10 +188,16 @@ def from_pretrained(path, *, bf16: bool = False, fp16: bool = False, fp32: bool 
 
 def save_pretrained(model: QWenLMHeadModel, path: str, max_shard_bytes: int = 2 << 30) -> None:
     """Write config, generation config and sharded safetensors + index in the official layout."""
+    save_state_dict(model.state_dict(), model.config, model.generation_config, path, max_shard_bytes)
+
+
+def save_state_dict(state: dict, config: QWenConfig, generation_config: GenerationConfig, path: str,
+                    max_shard_bytes: int = 2 << 30) -> None:
+    """`save_pretrained` for a bare state dict (e.g. one gathered from FSDP shards)."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in state.items()}
     shards, current, size = [], {}, 0
     for name, tensor in state.items():
         nbytes = tensor.numel() * tensor.element_size()
@@ -212,5 +218,5 @@ def save_pretrained(model: QWenLMHeadModel, path: str, max_shard_bytes: int = 2 
         total = sum(t.numel() * t.element_size() for t in state.values())
         with open(os.path.join(path, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    model.config.save(path)
-    model.generation_config.save(path)
+    config.save(path)
+    generation_config.save(path)
