@@ -188,6 +188,44 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from .train.loop import TrainArgs, train
+
+    groups = tuple(g for g in args.train.split(",") if g) if args.train is not None else \
+        (() if args.lora else ("resampler", "llm"))
+    train(TrainArgs(
+        model=args.model, data=args.data, output=args.output, eval_data=args.eval_data, train=groups,
+        stage=args.stage, lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout, lora_extra=tuple(e for e in args.lora_extra.split(",") if e),
+        image_size=args.image_size, max_len=args.max_len, pack=args.pack, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
+        precision=args.precision, gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every,
+        save_every=args.save_every, log_every=args.log_every, seed=args.seed, num_workers=args.num_workers,
+        resume=args.resume, device=args.device))
+    return 0
+
+
+def cmd_bench_train(args) -> int:
+    from .loading import resolve_device
+    from .train import bench as train_bench
+
+    train_bench.main(args.modes.split(","), args.random_config, args.seq_len, args.steps, args.precision,
+                     str(resolve_device(args.device)))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .train.adapters import merge_adapter
+
+    import torch
+
+    dtype = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    merge_adapter(args.base, args.adapter, args.out, dtype=dtype)
+    print(f"merged {args.adapter} into {args.base}: {args.out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwenvl", description="Run Qwen-VL models: chat, one-shot generation, benchmarks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -217,6 +255,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="runs per figure; medians are reported")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("finetune", help="fine-tune on conversations in the official JSON/JSONL format")
+    p.add_argument("-m", "--model", required=True, help="checkpoint folder to start from")
+    p.add_argument("--data", required=True, help="training data (JSON list or JSONL of conversations)")
+    p.add_argument("--output", required=True, help="folder for the result (model/ or adapter/) and train_state/")
+    p.add_argument("--eval-data", help="held-out conversations; the loss on them is logged every --eval-every steps")
+    p.add_argument("--train", default=None, help="groups trained in full: any of vit,resampler,llm "
+                   "(default resampler,llm; with --lora default none)")
+    p.add_argument("--stage", type=int, choices=[1, 2, 3], help="the paper's presets: 1 = vit,resampler at 224; "
+                   "2 = all at 448; 3 = resampler,llm at 448")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters on the LLM (c_attn, attn.c_proj, w1, w2)")
+    p.add_argument("--lora-r", type=int, default=64)
+    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-extra", default="", help="more LoRA targets: any of mlp.c_proj,vit,resampler")
+    p.add_argument("--image-size", type=int, help="ViT input size (default: the checkpoint's, 448)")
+    p.add_argument("--max-len", type=int, default=2048, help="longest sample in tokens (cut at turn boundaries)")
+    p.add_argument("--pack", action="store_true", help="pack several samples per row, each isolated")
+    p.add_argument("--batch-size", type=int, default=1, help="samples per micro-batch per process")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--warmup-ratio", type=float, default=0.01)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"],
+                   help="autocast precision; weights and optimizer state stay fp32 (fp16 uses loss scaling)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=0, help="save a resumable state every N steps")
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--num-workers", type=int, default=2, help="image-loading worker processes")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/train_state")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("bench-train", help="training tokens/s and peak memory per mode on random weights")
+    p.add_argument("--random-config", default="0.5b", choices=["tiny", "0.5b", "9.6b"])
+    p.add_argument("--modes", default="full,lora,stage1", help="comma list of full, lora, stage1")
+    p.add_argument("--seq-len", type=int, default=384, help="tokens per sample (one image + text)")
+    p.add_argument("--steps", type=int, default=3, help="measured optimizer steps (after one warm-up)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_bench_train)
+
+    p = sub.add_parser("merge", help="merge a LoRA adapter into its base: a full official-layout checkpoint")
+    p.add_argument("--base", required=True)
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="precision of the merged weights (auto: the base's config.json)")
+    p.set_defaults(func=cmd_merge)
     return parser
 
 

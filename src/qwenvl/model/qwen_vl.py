@@ -64,6 +64,8 @@ class QWenLMHeadModel(nn.Module):
         self.generation_config = generation_config or GenerationConfig()
         self.transformer = QWenModel(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Set when the model is sharded (FSDP): every rank must run the vision tower, once, in every forward.
+        self.sync_vision = False
 
     @property
     def device(self) -> torch.device:
@@ -83,8 +85,9 @@ class QWenLMHeadModel(nn.Module):
         if not pixels:
             return torch.empty(0, self.config.visual.n_queries, self.config.visual.output_dim,
                                dtype=self.dtype, device=self.device)
-        out = [self.transformer.visual(torch.stack(pixels[i:i + IMAGE_FEATURE_BATCH]).to(self.device))
-               for i in range(0, len(pixels), IMAGE_FEATURE_BATCH)]
+        chunk = len(pixels) if self.sync_vision else IMAGE_FEATURE_BATCH
+        out = [self.transformer.visual(torch.stack(pixels[i:i + chunk]).to(self.device))
+               for i in range(0, len(pixels), chunk)]
         return torch.cat(out)
 
     def image_spans(self, input_ids: torch.Tensor) -> list[tuple[int, int]]:
@@ -108,6 +111,9 @@ class QWenLMHeadModel(nn.Module):
         if not spans:
             if images:
                 raise ValueError(f"{len(images)} images were given but the prompt has no <img></img> span")
+            if self.sync_vision:  # the original's "fake image": keeps sharded ranks in step, gradients defined
+                size = self.config.visual.image_size
+                x = x + self.encode_images([torch.zeros(3, size, size, device=self.device)]).mean() * 0
             return x
         if images is None:
             n = self.config.visual.n_queries

@@ -1,0 +1,397 @@
+"""The fine-tuning loop: AdamW, cosine schedule with warmup, accumulation, clipping, mixed precision,
+periodic evaluation, exact resume, and FSDP under torchrun (SPEC section 9).
+
+One global step takes `global_batch = batch_size * grad_accum * world_size` samples in a seeded order;
+the loss is normalized by the supervised tokens of the whole global batch, so a run gives the same
+losses however that batch is split over processes and micro-batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .. import loading
+from ..tokenizer import QWenTokenizer
+from . import adapters, data
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+@dataclass
+class TrainArgs:
+    model: str
+    data: str
+    output: str
+    eval_data: str | None = None
+    train: tuple[str, ...] = ("resampler", "llm")  # the original's full fine-tuning: ViT frozen
+    stage: int | None = None  # 1, 2 or 3: the paper's presets (groups and image size)
+    lora: bool = False
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_extra: tuple[str, ...] = ()
+    image_size: int | None = None
+    max_len: int = 2048
+    pack: bool = False
+    batch_size: int = 1
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_ratio: float = 0.01
+    max_grad_norm: float = 1.0
+    precision: str = "bf16"
+    gradient_checkpointing: bool = False
+    eval_every: int = 0
+    save_every: int = 0
+    log_every: int = 1
+    seed: int = 42
+    num_workers: int = 2
+    resume: bool = False
+    device: str = "auto"
+    history: list = field(default_factory=list)  # per-step records, filled by train()
+
+
+def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warmup to `peak`, then cosine decay to 0 at `total` (transformers' cosine schedule)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Distributed:
+    """Rank facts; a single process is world 1."""
+
+    def __init__(self, device_pref: str):
+        self.enabled = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+        if self.enabled and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() and device_pref != "cpu" else "gloo"
+            dist.init_process_group(backend)
+        self.rank = dist.get_rank() if self.enabled else 0
+        self.world = dist.get_world_size() if self.enabled else 1
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if device_pref == "auto":
+            device_pref = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(f"cuda:{local}" if device_pref == "cuda" and self.enabled else device_pref)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def global_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def rank_micro_batches(order: list[int], step: int, args: TrainArgs, dist_: Distributed) -> list[list[int]]:
+    """Indices of this rank's micro-batches for global step `step` within an epoch's order."""
+    per_rank = args.batch_size * args.grad_accum
+    start = step * per_rank * dist_.world + dist_.rank * per_rank
+    mine = order[start:start + per_rank]
+    return [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
+
+
+class MicroBatchSampler:
+    """This rank's micro-batches (index lists), step after step, from a given (epoch, step) onwards."""
+
+    def __init__(self, n: int, args: TrainArgs, dist_: Distributed, epoch: int, step_in_epoch: int,
+                 steps_per_epoch: int, steps: int):
+        self.n, self.args, self.dist = n, args, dist_
+        self.epoch, self.step_in_epoch, self.steps_per_epoch, self.steps = epoch, step_in_epoch, steps_per_epoch, steps
+
+    def __iter__(self):
+        epoch, step = self.epoch, self.step_in_epoch
+        order = global_order(self.n, self.args.seed, epoch)
+        for _ in range(self.steps):
+            if step >= self.steps_per_epoch:
+                epoch, step = epoch + 1, 0
+                order = global_order(self.n, self.args.seed, epoch)
+            yield from rank_micro_batches(order, step, self.args, self.dist)
+            step += 1
+
+    def __len__(self) -> int:
+        return self.steps * self.args.grad_accum
+
+
+def supervised_tokens(batch: dict) -> int:
+    targets = batch["labels"][:, 1:] != -100
+    if "segment_ids" in batch:
+        targets &= batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]
+    return int(targets.sum())
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def forward_loss(model, batch: dict, precision: str, device: torch.device) -> torch.Tensor:
+    dtype = PRECISIONS[precision]
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                    images=batch["pixel_values"] if batch["pixel_values"].shape[0] else None,
+                    position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"),
+                    reduction="sum")
+    return out.loss
+
+
+def shard_model(model, dist_: Distributed) -> None:
+    """FSDP2: every decoder and ViT block its own unit, then the root; parameters and optimizer state sharded."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in list(model.transformer.h) + list(model.transformer.visual.transformer.resblocks):
+        fully_shard(block)
+    fully_shard(model)
+    model.sync_vision = True
+
+
+def save_state(path: str, model, optimizer, scaler, step: int, epoch: int, step_in_epoch: int, dist_: Distributed,
+               args: TrainArgs) -> None:
+    """Everything an exact resume needs; model and optimizer through torch.distributed.checkpoint (sharded)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tmp = path + ".tmp"
+    if dist_.main and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    dist_.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    torch.save(rng, os.path.join(tmp, f"rng-{dist_.rank}.pt"))
+    if dist_.main:
+        trainer = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                   "scaler": scaler.state_dict() if scaler is not None else None,
+                   "history": args.history}
+        torch.save(trainer, os.path.join(tmp, "trainer.pt"))
+    dist_.barrier()
+    if dist_.main:
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)  # a crash while saving never leaves a half-written state under the real name
+    dist_.barrier()
+
+
+def load_state(path: str, model, optimizer, scaler, dist_: Distributed) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng = torch.load(os.path.join(path, f"rng-{dist_.rank}.pt"), weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    trainer = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
+    if scaler is not None and trainer["scaler"]:
+        scaler.load_state_dict(trainer["scaler"])
+    return trainer
+
+
+class Progress:
+    """One line per logged step on stderr: step, loss, lr, tokens/s, elapsed and remaining time."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.start = total, enabled, time.time()
+
+    def log(self, step: int, record: dict) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.time() - self.start
+        eta = elapsed / max(1, step) * (self.total - step)
+        extra = f"  eval_loss {record['eval_loss']:.4f}" if "eval_loss" in record else ""
+        print(f"step {step}/{self.total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+              f"{record['tokens_per_s']:.0f} tok/s  {elapsed:.0f}s elapsed, ~{eta:.0f}s left{extra}",
+              file=sys.stderr, flush=True)
+
+
+def evaluate(model, dataset, args: TrainArgs, dist_: Distributed, pad_id: int) -> float:
+    """Mean loss per supervised token over the whole evaluation set (split across ranks)."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    indices = list(range(dist_.rank, len(dataset), dist_.world))
+    rounds = math.ceil(len(dataset) / dist_.world)
+    indices += [None] * (rounds - len(indices))  # every rank runs as many forwards as the others (FSDP)
+    with torch.no_grad():
+        for i in range(0, len(indices), args.batch_size):
+            chunk = indices[i:i + args.batch_size]
+            batch = data.collate_any([dataset[j if j is not None else 0] for j in chunk], pad_id=pad_id)
+            loss = float(forward_loss(model, to_device(batch, dist_.device), args.precision, dist_.device))
+            if None not in chunk:  # a filler batch only keeps the ranks in step
+                tokens += supervised_tokens(batch)
+                total += loss
+    model.train(was_training)
+    return dist_.sum(total) / max(1.0, dist_.sum(tokens))
+
+
+def train(args: TrainArgs) -> dict:
+    """Run a fine-tuning job; returns {"history": [...], "output": path, "model": the trained model (one process)}."""
+    dist_ = Distributed(args.device)
+    if args.stage is not None:
+        preset = adapters.stage_settings(args.stage)
+        args.train, args.image_size = tuple(sorted(preset["train"])), args.image_size or preset["image_size"]
+    if args.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {args.precision!r}")
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+
+    tokenizer = QWenTokenizer.from_pretrained(args.model)
+    model = loading.from_pretrained(args.model, fp32=True, device_map=str(dist_.device))
+    if args.image_size:
+        model.config.visual.image_size = args.image_size
+    image_size = model.config.visual.image_size
+    records = data.load_records(args.data)
+    dataset = data.ConversationDataset(records, tokenizer, image_size=image_size, max_len=args.max_len)
+    eval_set = None
+    if args.eval_data:
+        eval_set = data.ConversationDataset(data.load_records(args.eval_data), tokenizer, image_size=image_size,
+                                            max_len=args.max_len)
+    if args.pack:
+        dataset = data.PackedDataset(dataset, args.max_len)
+
+    model.train()
+    if args.lora:  # adapters on the LLM; groups in args.train are trained in full beside them
+        adapters.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                          extra=args.lora_extra)
+    adapters.apply_freeze_plan(model, set(args.train))
+    if args.gradient_checkpointing:
+        model.transformer.gradient_checkpointing = True
+        model.transformer.visual.transformer.gradient_checkpointing = True
+    if dist_.enabled:
+        shard_model(model, dist_)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("nothing to train: the freeze plan leaves every parameter frozen")
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=args.betas)
+    scaler = torch.amp.GradScaler(dist_.device.type) if args.precision == "fp16" else None
+
+    global_batch = args.batch_size * args.grad_accum * dist_.world
+    steps_per_epoch = len(dataset) // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} training samples are fewer than one global batch ({global_batch})")
+    total = args.max_steps or max(1, int(steps_per_epoch * args.epochs))
+    warmup = max(1, int(total * args.warmup_ratio)) if args.warmup_ratio > 0 else 0
+    state_dir = os.path.join(args.output, "train_state")
+    step, epoch, step_in_epoch = 0, 0, 0
+    if args.resume and os.path.exists(os.path.join(state_dir, "trainer.pt")):
+        trainer = load_state(state_dir, model, optimizer, scaler, dist_)
+        step, epoch, step_in_epoch, args.history = (trainer["step"], trainer["epoch"], trainer["step_in_epoch"],
+                                                    trainer["history"])
+    if dist_.main:
+        os.makedirs(args.output, exist_ok=True)
+        print(f"training {len(dataset)} samples ({dataset_counts(dataset)}), {total} steps of {global_batch}, "
+              f"groups {sorted(args.train)}{' + LoRA' if args.lora else ''}, {dist_.world} process(es), "
+              f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters", file=sys.stderr)
+
+    progress = Progress(total, dist_.main)
+    sampler = MicroBatchSampler(len(dataset), args, dist_, epoch, step_in_epoch, steps_per_epoch, total - step)
+    loader = torch.utils.data.DataLoader(  # workers load and preprocess the images
+        dataset, batch_sampler=sampler, collate_fn=functools.partial(data.collate_any, pad_id=tokenizer.pad_token_id),
+        num_workers=args.num_workers)
+    batches = iter(loader)
+    while step < total:
+        if step_in_epoch >= steps_per_epoch:
+            epoch, step_in_epoch = epoch + 1, 0
+        started = time.time()
+        micro = [next(batches) for _ in range(args.grad_accum)]
+        tokens = dist_.sum(sum(supervised_tokens(b) for b in micro))
+        lr = cosine_lr(step, total, warmup, args.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for batch in micro:
+            loss = forward_loss(model, to_device(batch, dist_.device), args.precision, dist_.device)
+            loss_sum += float(loss.detach())
+            scaled = loss * (dist_.world / max(1.0, tokens))  # FSDP averages gradients over ranks
+            (scaler.scale(scaled) if scaler else scaled).backward()
+        if scaler:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm) if args.max_grad_norm else None
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step, step_in_epoch = step + 1, step_in_epoch + 1
+        seconds = time.time() - started
+        record = {"step": step, "loss": dist_.sum(loss_sum) / max(1.0, tokens), "lr": lr, "tokens": tokens,
+                  "tokens_per_s": dist_.sum(sum(int(b["attention_mask"].sum()) for b in micro)) / max(seconds, 1e-9),
+                  "grad_norm": float(grad_norm) if grad_norm is not None else None}
+        if eval_set is not None and args.eval_every and (step % args.eval_every == 0 or step == total):
+            record["eval_loss"] = evaluate(model, eval_set, args, dist_, tokenizer.pad_token_id)
+        args.history.append(record)
+        if step % max(1, args.log_every) == 0 or step == total:
+            progress.log(step, record)
+        if args.save_every and step % args.save_every == 0 and step < total:
+            save_state(state_dir, model, optimizer, scaler, step, epoch, step_in_epoch, dist_, args)
+
+    save_outputs(model, args, dist_)
+    if dist_.main:
+        with open(os.path.join(args.output, "history.json"), "w", encoding="utf-8") as f:
+            json.dump(args.history, f, indent=1)
+    return {"history": args.history, "output": args.output, "model": None if dist_.enabled else model}
+
+
+def dataset_counts(dataset) -> str:
+    base = getattr(dataset, "dataset", dataset)
+    return f"{getattr(base, 'num_truncated', 0)} truncated, {getattr(base, 'num_skipped', 0)} skipped"
+
+
+def save_outputs(model, args: TrainArgs, dist_: Distributed) -> None:
+    """A full official-layout checkpoint (rank 0 writes the gathered weights), or the LoRA adapter alone."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not dist_.main:
+        dist_.barrier()
+        return
+    final = os.path.join(args.output, "adapter" if args.lora else "model")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if args.lora:
+        adapters.save_adapter(model, tmp, state_dict=state)
+    else:
+        loading.save_state_dict(state, model.config, model.generation_config, tmp)
+        QWenTokenizer.from_pretrained(args.model).save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with open(os.path.join(args.output, "train_args.json"), "w", encoding="utf-8") as f:
+        json.dump({k: v for k, v in dataclasses.asdict(args).items() if k != "history"}, f, indent=2)
+    dist_.barrier()
