@@ -8,7 +8,7 @@ import torch
 from qwenvl.chat import DEFAULT_SYSTEM, make_context
 from qwenvl.images import load_image, preprocess
 from qwenvl.train.data import (IGNORE, ConversationDataset, DataError, PackedDataset, collate, encode_record, fit,
-                               load_records, make_dataloader, pack, record_images)
+                               load_records, make_dataloader, pack, record_images, MicroBatchSampler)
 
 X = IGNORE
 IMAGES = ("tiny_37x23.png", "shapes_640x480.jpg", "tall_300x700.png", "gray_37x23.png")
@@ -351,19 +351,39 @@ def assert_same(a, b):
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_loader_order_is_seeded_and_resumable(dataset, packed):
-    max_len = max(dataset.lengths) + 40
-    make = lambda **kw: make_dataloader(dataset, batch_size=2, **{"shuffle": True, "seed": 3, "pack": packed,
-                                                                  "max_len": max_len, **kw})
-    serial = batches(make(num_workers=0))
-    assert_same(batches(make(num_workers=2)), serial)
-    assert_same(batches(make(num_workers=0, skip_batches=1)), serial[1:])
+    items = PackedDataset(dataset, max(dataset.lengths) + 40) if packed else dataset
+    n = len(items)
+    steps = 2 * (n // 2)  # two epochs of steps of 2 samples
 
-    loader = make(num_workers=0)
-    first, second = batches(loader), batches(loader)  # each pass is the next epoch
-    assert_same(first, serial)
-    assert_same(second, batches(make(num_workers=0, epoch=1)))
-    if not packed:
-        order = lambda bs: [b["input_ids"].shape[1] for b in bs] + [int(b["input_ids"].sum()) for b in bs]
-        assert order(first) != order(second)
-        unshuffled = batches(make(shuffle=False))
-        assert torch.equal(unshuffled[0]["input_ids"][1, :len(dataset[1]["input_ids"])], dataset[1]["input_ids"])
+    def make(num_workers=0, **kw):
+        sampler = MicroBatchSampler(n, batch_size=1, grad_accum=2, seed=3, **{"steps": steps, **kw})
+        return batches(make_dataloader(items, sampler, num_workers))
+
+    serial = make()
+    assert len(serial) == 2 * steps
+    assert_same(make(num_workers=2), serial)
+    assert_same(make(steps=steps - 1, step_in_epoch=1), serial[2:])  # resume at step 1
+    per_epoch = n // 2
+    assert_same(make(steps=per_epoch, epoch=1), serial[2 * per_epoch:])  # the next epoch is a new order
+    # two ranks with one micro-batch each cover exactly one rank's two micro-batches
+    ranks = [MicroBatchSampler(n, 1, 1, 3, steps, rank=r, world=2) for r in (0, 1)]
+    one = MicroBatchSampler(n, 1, 2, 3, steps)
+    assert [i for pair in zip(*ranks) for i in pair] == list(one)
+
+
+def test_sampler_refuses_a_dataset_smaller_than_a_batch():
+    with pytest.raises(ValueError, match="global batch"):
+        MicroBatchSampler(3, batch_size=2, grad_accum=1, seed=0, steps=1, world=2)
+
+
+def test_image_span_inside_an_answer_is_not_learned(tokenizer):
+    record = {"id": "a", "conversations": [
+        {"from": "user", "value": "Show the picture again."},
+        {"from": "assistant", "value": "Here: <img>pic.png</img> done"}]}
+    ids, labels, _ = encode_record(tokenizer, record)
+    start = ids.index(tokenizer.img_start_id)
+    assert ids[start + 257] == tokenizer.img_end_id
+    assert labels[start] == tokenizer.img_start_id and labels[start + 257] == tokenizer.img_end_id
+    assert labels[start + 1:start + 257] == [IGNORE] * 256  # image features, not tokens to predict
+    done = ids.index(tokenizer.encode(" done")[0], start + 258)
+    assert labels[done] == ids[done]

@@ -3,8 +3,8 @@ loss mask -> batches, with the images loaded and preprocessed in DataLoader work
 
     records = load_records("train.jsonl")                  # every problem of the file at once, or DataError
     dataset = ConversationDataset(records, tokenizer, image_size=448, max_len=2048)
-    loader = make_dataloader(dataset, batch_size=4, shuffle=True, seed=42, num_workers=2, pack=False)
-    for batch in loader:  # input_ids, labels, attention_mask, pixel_values (+ position_ids, segment_ids packed)
+    sampler = MicroBatchSampler(len(dataset), batch_size=4, grad_accum=1, seed=42, steps=100)
+    for batch in make_dataloader(dataset, sampler, num_workers=2):  # input_ids, labels, attention_mask, pixel_values (+ position_ids, segment_ids packed)
         model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
               images=batch["pixel_values"], position_ids=batch.get("position_ids"),
               segment_ids=batch.get("segment_ids"))
@@ -225,8 +225,8 @@ def encode_record(tokenizer, record: dict, default_system: str = DEFAULT_SYSTEM
     """(input_ids, labels, turn_ends) in the original fine-tuning script's ChatML layout and masking.
 
     Each turn (system first) is `<|im_start|>` role `\\n` content `<|im_end|>` `\\n`. Labels: `<|im_start|>`,
-    `<|im_end|>` and the `\\n` after it are learned in every turn, and the content of assistant turns;
-    the rest is IGNORE. `turn_ends[k]` is the index just after turn k.
+    `<|im_end|>` and the `\\n` after it are learned in every turn, and the content of assistant turns
+    (but for the inside of an image span there); the rest is IGNORE. `turn_ends[k]` is the index just after turn k.
     """
     # Only the image/box tags are special, as in qwenvl.make_context, so training and inference prompts
     # tokenize alike; the original's script allowed every special token (`<|im_end|>` typed in a turn).
@@ -241,10 +241,24 @@ def encode_record(tokenizer, record: dict, default_system: str = DEFAULT_SYSTEM
         body = tokenizer.encode(content, allowed_special=tags)
         tail = [tokenizer.im_end_id] + nl
         input_ids += head + body + tail
-        learned = body if role == "assistant" else [IGNORE] * len(body)
+        learned = _without_image_content(body, tokenizer) if role == "assistant" else [IGNORE] * len(body)
         labels += head[:1] + [IGNORE] * (len(head) - 1) + learned + tail
         turn_ends.append(len(input_ids))
     return input_ids, labels, turn_ends
+
+
+def _without_image_content(body: list[int], tokenizer) -> list[int]:
+    """Assistant labels with the 256 positions inside each image span ignored: they hold image features,
+    not tokens to predict (the original's script labelled the reference bytes there)."""
+    labels, inside = list(body), False
+    for i, t in enumerate(body):
+        if t == tokenizer.img_end_id:
+            inside = False
+        if inside:
+            labels[i] = IGNORE
+        if t == tokenizer.img_start_id:
+            inside = True
+    return labels
 
 
 def record_images(record: dict) -> list[str]:
@@ -412,41 +426,51 @@ def collate(batch: list[dict], pad_id: int) -> dict:
     return out
 
 
-collate_any = collate  # the name the training loop calls
+  # the name the training loop calls
 
 
-class SeededSampler(torch.utils.data.Sampler):
-    """Indices in a seeded order, a new one per epoch; each pass over the DataLoader is the next epoch.
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The seeded sample order of one epoch."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
 
-    The first pass is epoch `epoch` without its first `skip` indices, so a run resumes at a given step
-    without loading the skipped samples. The order of epoch e is `torch.randperm` seeded seed*1000003+e.
+
+class MicroBatchSampler(torch.utils.data.Sampler):
+    """One process's micro-batches (index lists), optimizer step after step, from (epoch, step) onwards.
+
+    A step takes `batch_size * grad_accum * world` samples of the epoch's seeded order; process `rank`
+    takes its contiguous share, cut into `grad_accum` micro-batches. Starting at a later (epoch, step)
+    resumes a run without loading the samples before it.
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True, epoch: int = 0, skip: int = 0):
-        self.n, self.seed, self.shuffle, self.epoch, self.skip = n, seed, shuffle, epoch, skip
+    def __init__(self, n: int, batch_size: int, grad_accum: int, seed: int, steps: int, rank: int = 0,
+                 world: int = 1, epoch: int = 0, step_in_epoch: int = 0):
+        self.n, self.batch_size, self.grad_accum, self.seed, self.steps = n, batch_size, grad_accum, seed, steps
+        self.rank, self.world, self.epoch, self.step_in_epoch = rank, world, epoch, step_in_epoch
+        self.steps_per_epoch = n // (batch_size * grad_accum * world)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{n} samples are fewer than one global batch ({batch_size * grad_accum * world})")
 
-    def order(self, epoch: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.n))
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000003 + epoch)).tolist()
+    def micro_batches(self, order: list[int], step: int) -> list[list[int]]:
+        per_rank = self.batch_size * self.grad_accum
+        start = (step * self.world + self.rank) * per_rank
+        mine = order[start:start + per_rank]
+        return [mine[i:i + self.batch_size] for i in range(0, per_rank, self.batch_size)]
 
     def __iter__(self):
-        order = self.order(self.epoch)[self.skip:]
-        self.epoch, self.skip = self.epoch + 1, 0
-        return iter(order)
+        epoch, step = self.epoch, self.step_in_epoch
+        order = epoch_order(self.n, self.seed, epoch)
+        for _ in range(self.steps):
+            if step >= self.steps_per_epoch:
+                epoch, step = epoch + 1, 0
+                order = epoch_order(self.n, self.seed, epoch)
+            yield from self.micro_batches(order, step)
+            step += 1
 
     def __len__(self) -> int:
-        return max(0, self.n - self.skip)
+        return self.steps * self.grad_accum
 
 
-def make_dataloader(dataset: ConversationDataset, batch_size: int, shuffle: bool = True, seed: int = 0,
-                    num_workers: int = 0, pack: bool = False, max_len: int | None = None, epoch: int = 0,
-                    skip_batches: int = 0) -> torch.utils.data.DataLoader:
-    """A DataLoader of collated batches; workers load the images. With `pack`, items are packed rows of up
-    to `max_len` (default: the dataset's) tokens. Same seed, same batches, whatever num_workers; start at
-    `epoch` and leave out its first `skip_batches` batches to resume a run."""
-    if pack:
-        dataset = PackedDataset(dataset, max_len)
-    sampler = SeededSampler(len(dataset), seed, shuffle, epoch=epoch, skip=skip_batches * batch_size)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+def make_dataloader(dataset, sampler: MicroBatchSampler, num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """Collated micro-batches in the sampler's order; worker processes load and preprocess the images."""
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                        collate_fn=functools.partial(collate, pad_id=dataset.pad_id))

@@ -8,7 +8,6 @@ losses however that batch is split over processes and micro-batches.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -105,41 +104,6 @@ class Distributed:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
-
-
-def global_order(n: int, seed: int, epoch: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
-
-
-def rank_micro_batches(order: list[int], step: int, args: TrainArgs, dist_: Distributed) -> list[list[int]]:
-    """Indices of this rank's micro-batches for global step `step` within an epoch's order."""
-    per_rank = args.batch_size * args.grad_accum
-    start = step * per_rank * dist_.world + dist_.rank * per_rank
-    mine = order[start:start + per_rank]
-    return [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
-
-
-class MicroBatchSampler:
-    """This rank's micro-batches (index lists), step after step, from a given (epoch, step) onwards."""
-
-    def __init__(self, n: int, args: TrainArgs, dist_: Distributed, epoch: int, step_in_epoch: int,
-                 steps_per_epoch: int, steps: int):
-        self.n, self.args, self.dist = n, args, dist_
-        self.epoch, self.step_in_epoch, self.steps_per_epoch, self.steps = epoch, step_in_epoch, steps_per_epoch, steps
-
-    def __iter__(self):
-        epoch, step = self.epoch, self.step_in_epoch
-        order = global_order(self.n, self.args.seed, epoch)
-        for _ in range(self.steps):
-            if step >= self.steps_per_epoch:
-                epoch, step = epoch + 1, 0
-                order = global_order(self.n, self.args.seed, epoch)
-            yield from rank_micro_batches(order, step, self.args, self.dist)
-            step += 1
-
-    def __len__(self) -> int:
-        return self.steps * self.args.grad_accum
 
 
 def supervised_tokens(batch: dict) -> int:
@@ -246,7 +210,7 @@ def evaluate(model, dataset, args: TrainArgs, dist_: Distributed, pad_id: int) -
     with torch.no_grad():
         for i in range(0, len(indices), args.batch_size):
             chunk = indices[i:i + args.batch_size]
-            batch = data.collate_any([dataset[j if j is not None else 0] for j in chunk], pad_id=pad_id)
+            batch = data.collate([dataset[j if j is not None else 0] for j in chunk], pad_id=pad_id)
             loss = float(forward_loss(model, to_device(batch, dist_.device), args.precision, dist_.device))
             if None not in chunk:  # a filler batch only keeps the ranks in step
                 tokens += supervised_tokens(batch)
@@ -320,11 +284,9 @@ def train(args: TrainArgs) -> dict:
               f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters", file=sys.stderr)
 
     progress = Progress(total, dist_.main)
-    sampler = MicroBatchSampler(len(dataset), args, dist_, epoch, step_in_epoch, steps_per_epoch, total - step)
-    loader = torch.utils.data.DataLoader(  # workers load and preprocess the images
-        dataset, batch_sampler=sampler, collate_fn=functools.partial(data.collate_any, pad_id=tokenizer.pad_token_id),
-        num_workers=args.num_workers)
-    batches = iter(loader)
+    sampler = data.MicroBatchSampler(len(dataset), args.batch_size, args.grad_accum, args.seed, total - step,
+                                     dist_.rank, dist_.world, epoch, step_in_epoch)
+    batches = iter(data.make_dataloader(dataset, sampler, args.num_workers))
     while step < total:
         if step_in_epoch >= steps_per_epoch:
             epoch, step_in_epoch = epoch + 1, 0
