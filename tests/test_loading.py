@@ -289,13 +289,13 @@ def test_missing_vocabulary_for_the_tokenizer(tmp_path):
         qwenvl.AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
 
 
-def test_quantized_checkpoint_is_refused(tmp_path):
+@pytest.mark.parametrize("scheme", [{"quant_method": "awq", "bits": 4}, {"quant_method": "gptq", "bits": 8}])
+def test_unsupported_quantization_is_refused(tmp_path, scheme):
     folder = copy_meta(tmp_path / "ckpt")
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = {"bits": 4, "group_size": 128, "desc_act": False, "sym": True,
-                                     "quant_method": "gptq"}
+    config["quantization_config"] = {"group_size": 128, "desc_act": False, "sym": True, **scheme}
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"quantized \(gptq\) checkpoint.*not supported"):
+    with pytest.raises(CheckpointError, match=r"config.json: quantization .* not supported"):
         qwenvl.AutoModelForCausalLM.from_pretrained(folder)
 
 

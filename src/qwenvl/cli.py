@@ -215,6 +215,17 @@ def cmd_bench_train(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    import torch
+
+    from .quantize import quantize_checkpoint
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    quantize_checkpoint(args.model, args.out, group_size=args.group_size, dtype=dtype)
+    print(f"wrote the int4 checkpoint {args.out}", file=sys.stderr)
+    return 0
+
+
 def cmd_merge(args) -> int:
     from .train.adapters import merge_adapter
 
@@ -295,12 +306,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench-train", help="training tokens/s and peak memory per mode on random weights")
     p.add_argument("--random-config", default="0.5b", choices=["tiny", "0.5b", "9.6b"])
-    p.add_argument("--modes", default="full,lora,stage1", help="comma list of full, lora, stage1")
+    p.add_argument("--modes", default="full,lora,qlora,stage1", help="comma list of full, lora, qlora, stage1")
     p.add_argument("--seq-len", type=int, default=384, help="tokens per sample (one image + text)")
     p.add_argument("--steps", type=int, default=3, help="measured optimizer steps (after one warm-up)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_bench_train)
+
+    p = sub.add_parser("quantize", help="write an int4 (GPTQ-format, round-to-nearest) copy of a checkpoint")
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"], help="precision of the unquantized parts")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("merge", help="merge a LoRA adapter into its base: a full official-layout checkpoint")
     p.add_argument("--base", required=True)

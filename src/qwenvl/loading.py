@@ -14,6 +14,7 @@ import torch
 
 from .config import GenerationConfig, QWenConfig
 from .model.language import pack_for_cpu
+from .model.quant import replace_with_quantized
 from .model.qwen_vl import QWenLMHeadModel
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -135,7 +136,9 @@ def load_weights(model: QWenLMHeadModel, files: list[str], dtype: torch.dtype, d
             if tuple(tensor.shape) != tuple(expected[name]):
                 raise CheckpointError(f"{file}: {name} has shape {tuple(tensor.shape)}, config.json implies "
                                       f"{tuple(expected[name])}")
-            tensors[name] = tensor.to(device=device, dtype=dtype)
+            # int4 codes stay integers and their scales fp16, as GPTQ stores them
+            keep = not tensor.is_floating_point() or name.endswith(".scales")
+            tensors[name] = tensor.to(device=device, dtype=None if keep else dtype)
             seen.add(name)
         model.load_state_dict(tensors, strict=False, assign=True)
         del tensors
@@ -144,6 +147,18 @@ def load_weights(model: QWenLMHeadModel, files: list[str], dtype: torch.dtype, d
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"the checkpoint lacks {len(missing)} tensors the model needs: {shown}")
+
+
+def quantization(config: QWenConfig, path: str) -> int | None:
+    """The group size of a GPTQ int4 checkpoint (SPEC 8), None for a float one; other schemes are refused."""
+    q = config.quantization_config
+    if not q:
+        return None
+    method, bits = q.get("quant_method", "gptq"), q.get("bits", 4)
+    if method != "gptq" or bits != 4:
+        raise CheckpointError(f"{path}/config.json: quantization {method} with {bits} bits is not supported "
+                              "(only GPTQ 4-bit, as Qwen-VL-Chat-Int4)")
+    return int(q.get("group_size", 128))
 
 
 def check_folder(path) -> str:
@@ -172,14 +187,14 @@ def from_pretrained(path, *, bf16: bool = False, fp16: bool = False, fp32: bool 
         generation_config = GenerationConfig.from_json(os.path.join(path, "generation_config.json"))
     except ValueError as e:  # a broken config file is a broken checkpoint: one error type to catch
         raise CheckpointError(str(e)) from None
-    if config.quantization_config:
-        raise CheckpointError(f"{path} is a quantized ({config.quantization_config.get('quant_method', '?')}) "
-                              "checkpoint; Int4 checkpoints are not supported by this version")
+    group_size = quantization(config, path)
     files = weight_files(path)
     device = resolve_device(device_map)
     dtype = resolve_dtype(config, device, torch_dtype, bf16, fp16, fp32)
     with torch.device("meta"):
         model = QWenLMHeadModel(config, generation_config)
+        if group_size:
+            replace_with_quantized(model, group_size)
     load_weights(model, files, dtype, device, progress)
     model.name_or_path = path
     pack_for_cpu(model)

@@ -164,7 +164,13 @@ def _inject(model: nn.Module, config) -> nn.Module:
 
     if getattr(model, "peft_config", None):
         raise ValueError("the model already has LoRA adapters (add_lora or load_adapter was called before)")
+    from peft.tuners.lora.gptq import GPTQLoraLinear
+
+    from ..model.quant import QuantLinear
+
     _unpack(model)
+    # Q-LoRA: on an int4 base, PEFT's GPTQ LoRA layer adds B(A(x)) to the frozen quantized layer's output
+    config._register_custom_module({QuantLinear: GPTQLoraLinear})
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     model.train(model.training)  # new LoRA modules start in training mode: dropout would be on in an eval model
     for name, p in model.named_parameters():
@@ -199,16 +205,25 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA layer into its base weight (W += scale * B @ A, computed in float32) and put the plain
     module back, so the model and its state dict are the official ones again. In place; returns the model."""
     from ..model.language import Linear
+    from ..model.quant import QuantLinear, has_float_bias, to_linear
 
     for name, module in lora_modules(model).items():
         base = module.get_base_layer()
         if isinstance(base, Linear):
             base.unpack()  # a oneDNN-packed weight (bf16 inference) has no plain layout to add to
         with torch.no_grad():
-            delta = module.get_delta_weight(ADAPTER).float()  # float32: LoRA weights are float32
+            if isinstance(base, QuantLinear):  # Q-LoRA: the update goes into the dequantized weight
+                delta = (module.lora_B[ADAPTER].weight.float() @ module.lora_A[ADAPTER].weight.float()) \
+                    * module.scaling[ADAPTER]
+                base = to_linear(base, model.dtype, has_float_bias(name, model.config))
+            else:
+                delta = module.get_delta_weight(ADAPTER).float()  # float32: LoRA weights are float32
             base.weight.data = (base.weight.data.float() + delta).to(base.weight.dtype)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, base)
+    if any(isinstance(m, QuantLinear) for m in model.modules()):  # Q-LoRA: the merged model is a float one
+        from ..model.quant import dequantize_model
+        dequantize_model(model, model.dtype)
     if hasattr(model, "peft_config"):
         del model.peft_config
     return model
@@ -379,6 +394,9 @@ def merge_adapter(base_dir, adapter_dir, out_dir, dtype: torch.dtype | str | Non
         raise FileExistsError(f"{out_dir} already exists and is not empty; remove it or choose another output folder")
 
     model = loading.from_pretrained(base_dir, torch_dtype=dtype, device_map="cpu", progress=None)
+    if model.config.quantization_config:  # a Q-LoRA adapter merges into the dequantized base
+        from ..model.quant import dequantize_model
+        dequantize_model(model, model.dtype)
     load_adapter(model, adapter_dir)
     merge_lora(model)
     parent = os.path.dirname(os.path.abspath(out_dir))

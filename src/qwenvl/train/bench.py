@@ -5,6 +5,7 @@ image (258 tokens) plus text up to --seq-len tokens, with the answer half superv
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -18,16 +19,27 @@ MODES = {
     "full": dict(train={"resampler", "llm"}, lora=False),  # the original's full fine-tuning (ViT frozen)
     "lora": dict(train=set(), lora=True),  # LoRA on c_attn, attn.c_proj, w1, w2
     "stage1": dict(train={"vit", "resampler"}, lora=False),  # LLM frozen
+    "qlora": dict(train=set(), lora=True, int4=True),  # LoRA over the int4-quantized decoder
 }
 # The original's published single-A100 peak memory for LoRA / Q-LoRA on the chat model (SPEC section 9).
 PUBLISHED = "original, 1x A100 at 384 / 2048 tokens: LoRA 23.3 / 27.3 GB, Q-LoRA 17.0 / 19.3 GB"
 
 
+def reset_peak(device: torch.device) -> None:
+    """Start the peak count now: what setup allocated and freed (float weights before quantizing) is not training."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # Linux: reset VmHWM to the current resident size
+            f.write("5")
+
+
 def peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmHWM"].split()[0]) * 1024
 
 
 def run_mode(mode: str, config_name: str, seq_len: int, steps: int, precision: str, device: str) -> dict:
@@ -39,9 +51,14 @@ def run_mode(mode: str, config_name: str, seq_len: int, steps: int, precision: s
     device = torch.device(device)
     model = random_model(random_config(config_name), torch.float32, device).train()
     spec = MODES[mode]
+    if spec.get("int4"):
+        from ..model.quant import replace_with_quantized
+        replace_with_quantized(model, quantize=True)
     adapters.apply_freeze_plan(model, spec["train"])
     if spec["lora"]:
         adapters.add_lora(model)
+    gc.collect()
+    reset_peak(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     config = model.config
