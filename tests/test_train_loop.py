@@ -132,3 +132,22 @@ def test_bad_data_is_reported_before_training(tmp_path, capsys):
     assert "'x'" in str(error.value) and "'y'" in str(error.value) and "missing.png" in str(error.value)
     code = cli.main(["finetune", "-m", str(CHECKPOINT), "--data", str(path), "--output", str(tmp_path / "o")])
     assert code == 2 and not (tmp_path / "o").exists()
+
+
+def test_packed_run_equals_the_padded_run(data_file, tmp_path):
+    padded = train(args(data_file, tmp_path / "a", max_steps=1, batch_size=2))["history"]
+    packed = train(args(data_file, tmp_path / "b", max_steps=1, batch_size=1, pack=True, max_len=1024))["history"]
+    assert packed[0]["tokens"] == padded[0]["tokens"]  # both samples in one row, nothing learned across them
+    assert packed[0]["loss"] == pytest.approx(padded[0]["loss"], rel=1e-5)
+
+
+def test_stage_1_trains_vision_at_224_with_the_llm_frozen(data_file, tmp_path):
+    base = qwenvl.AutoModelForCausalLM.from_pretrained(CHECKPOINT, fp32=True, device_map="cpu")
+    result = train(args(data_file, tmp_path / "out", max_steps=2, stage=1, train=()))
+    trained = result["model"]
+    assert trained.config.visual.image_size == 224
+    assert torch.equal(trained.transformer.h[0].mlp.w1.weight, base.transformer.h[0].mlp.w1.weight)
+    assert torch.equal(trained.lm_head.weight, base.lm_head.weight)
+    assert not torch.equal(trained.transformer.visual.conv1.weight, base.transformer.visual.conv1.weight)
+    saved = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
+    assert saved["visual"]["image_size"] == 224
