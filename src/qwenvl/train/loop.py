@@ -15,6 +15,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -148,7 +149,9 @@ def save_state(path: str, model, optimizer, scaler, step: int, epoch: int, step_
         shutil.rmtree(tmp)
     dist_.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    with warnings.catch_warnings():  # one process: DCP warns that it saves without a process group, as meant
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     torch.save(rng, os.path.join(tmp, f"rng-{dist_.rank}.pt"))
     if dist_.main:
@@ -170,7 +173,9 @@ def load_state(path: str, model, optimizer, scaler, dist_: Distributed) -> dict:
 
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng = torch.load(os.path.join(path, f"rng-{dist_.rank}.pt"), weights_only=False)
     torch.set_rng_state(rng["torch"])
@@ -219,6 +224,27 @@ def evaluate(model, dataset, args: TrainArgs, dist_: Distributed, pad_id: int) -
     return dist_.sum(total) / max(1.0, dist_.sum(tokens))
 
 
+def build_datasets(args: TrainArgs, tokenizer, image_size: int):
+    """The training set (packed if asked) and the optional evaluation set; every record is checked first."""
+    dataset = data.ConversationDataset(data.load_records(args.data), tokenizer, image_size=image_size,
+                                       max_len=args.max_len)
+    eval_set = None
+    if args.eval_data:
+        eval_set = data.ConversationDataset(data.load_records(args.eval_data), tokenizer, image_size=image_size,
+                                            max_len=args.max_len)
+    return (data.PackedDataset(dataset, args.max_len) if args.pack else dataset), eval_set
+
+
+def build_optimizer(model, args: TrainArgs):
+    """AdamW over the trainable parameters; norms, biases and other vectors get no weight decay."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("nothing to train: the freeze plan leaves every parameter frozen")
+    groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+    return trainable, torch.optim.AdamW(groups, lr=args.lr, betas=args.betas)
+
+
 def train(args: TrainArgs) -> dict:
     """Run a fine-tuning job; returns {"history": [...], "output": path, "model": the trained model (one process)}."""
     dist_ = Distributed(args.device)
@@ -236,14 +262,7 @@ def train(args: TrainArgs) -> dict:
     if args.image_size:
         model.config.visual.image_size = args.image_size
     image_size = model.config.visual.image_size
-    records = data.load_records(args.data)
-    dataset = data.ConversationDataset(records, tokenizer, image_size=image_size, max_len=args.max_len)
-    eval_set = None
-    if args.eval_data:
-        eval_set = data.ConversationDataset(data.load_records(args.eval_data), tokenizer, image_size=image_size,
-                                            max_len=args.max_len)
-    if args.pack:
-        dataset = data.PackedDataset(dataset, args.max_len)
+    dataset, eval_set = build_datasets(args, tokenizer, image_size)
 
     model.train()
     if args.lora:  # adapters on the LLM; groups in args.train are trained in full beside them
@@ -256,13 +275,7 @@ def train(args: TrainArgs) -> dict:
     if dist_.enabled:
         shard_model(model, dist_)
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise ValueError("nothing to train: the freeze plan leaves every parameter frozen")
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=args.betas)
+    trainable, optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler(dist_.device.type) if args.precision == "fp16" else None
 
     global_batch = args.batch_size * args.grad_accum * dist_.world
