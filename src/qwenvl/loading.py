@@ -201,6 +201,40 @@ def from_pretrained(path, *, bf16: bool = False, fp16: bool = False, fp32: bool 
     return model.eval()
 
 
+TOKENIZER_FILES = ("qwen.tiktoken", "tokenizer_config.json")
+
+
+def check_output_folder(out: str) -> None:
+    """Refuse an output folder that already holds something (checked before any long work)."""
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise FileExistsError(f"{out} already exists and is not empty; remove it or choose another output folder")
+
+
+def write_checkpoint(model: QWenLMHeadModel, out: str, tokenizer_from: str) -> str:
+    """`save_pretrained` plus the tokenizer files of checkpoint `tokenizer_from`, written in a folder beside
+    `out` and renamed into place at the end: a failure leaves nothing half-written."""
+    import shutil
+    import tempfile
+
+    out = os.fspath(out)
+    check_output_folder(out)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
+    try:
+        save_pretrained(model, tmp)
+        for name in TOKENIZER_FILES:
+            if os.path.exists(os.path.join(tokenizer_from, name)):
+                shutil.copy2(os.path.join(tokenizer_from, name), os.path.join(tmp, name))
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def save_pretrained(model: QWenLMHeadModel, path: str, max_shard_bytes: int = 2 << 30) -> None:
     """Write config, generation config and sharded safetensors + index in the official layout."""
     save_state_dict(model.state_dict(), model.config, model.generation_config, path, max_shard_bytes)

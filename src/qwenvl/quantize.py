@@ -8,22 +8,16 @@ wherever Qwen-VL-Chat-Int4 does, but its accuracy is that of plain rounding.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import torch
 
 from . import loading
 from .model.quant import replace_with_quantized
 
-TOKENIZER_FILES = ("qwen.tiktoken", "tokenizer_config.json")
-
-
 def quantize_checkpoint(source, out, group_size: int = 128, dtype: torch.dtype = torch.float16) -> str:
     """Write the int4 version of checkpoint `source` to `out` (written aside, then renamed into place)."""
     source, out = os.fspath(source), os.fspath(out)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise FileExistsError(f"{out} already exists and is not empty; remove it or choose another output folder")
+    loading.check_output_folder(out)
     model = loading.from_pretrained(source, torch_dtype=dtype, device_map="cpu")
     if model.config.quantization_config:
         raise ValueError(f"{source} is already quantized")
@@ -32,18 +26,4 @@ def quantize_checkpoint(source, out, group_size: int = 128, dtype: torch.dtype =
     model.config.quantization_config = {"bits": 4, "group_size": group_size, "desc_act": False, "sym": True,
                                         "quant_method": "gptq"}
     model.config.bf16, model.config.fp16, model.config.fp32 = dtype == torch.bfloat16, dtype == torch.float16, False
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
-    try:
-        loading.save_pretrained(model, tmp)
-        for name in TOKENIZER_FILES:
-            if os.path.exists(os.path.join(source, name)):
-                shutil.copy2(os.path.join(source, name), os.path.join(tmp, name))
-        if os.path.isdir(out):
-            os.rmdir(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return loading.write_checkpoint(model, out, tokenizer_from=source)

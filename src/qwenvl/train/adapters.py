@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from ..loading import CheckpointError
+from ..loading import TOKENIZER_FILES, CheckpointError
 
 GROUPS = ("vit", "resampler", "llm")
 RESAMPLER_PREFIXES = ("transformer.visual.attn_pool", "transformer.visual.ln_post", "transformer.visual.proj")
@@ -46,7 +44,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"  # older PEFT versions (as the original's finetune.py may have used)
 TRAINED_WEIGHTS = "trained_weights.safetensors"  # groups trained fully alongside LoRA, official names
 SAVED_PREFIX = "base_model.model."  # PeftModel's prefix in adapter files
-TOKENIZER_FILES = ("qwen.tiktoken", "tokenizer_config.json")
 
 # LoRA targets by name -> regexes of full module names. Full names, not PEFT's suffix lists: a suffix such as
 # "c_proj" or "mlp.c_proj" would also catch the ViT's `resblocks.{i}.mlp.c_proj`.
@@ -390,8 +387,7 @@ def merge_adapter(base_dir, adapter_dir, out_dir, dtype: torch.dtype | str | Non
     for name in TOKENIZER_FILES:
         if not os.path.exists(os.path.join(base_dir, name)):
             raise CheckpointError(f"{base_dir} has no {name}; the merged checkpoint needs the base's tokenizer files")
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise FileExistsError(f"{out_dir} already exists and is not empty; remove it or choose another output folder")
+    loading.check_output_folder(out_dir)
 
     model = loading.from_pretrained(base_dir, torch_dtype=dtype, device_map="cpu", progress=None)
     if model.config.quantization_config:  # a Q-LoRA adapter merges into the dequantized base
@@ -399,17 +395,4 @@ def merge_adapter(base_dir, adapter_dir, out_dir, dtype: torch.dtype | str | Non
         dequantize_model(model, model.dtype)
     load_adapter(model, adapter_dir)
     merge_lora(model)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
-    try:
-        loading.save_pretrained(model, tmp)
-        for name in TOKENIZER_FILES:
-            shutil.copy2(os.path.join(base_dir, name), os.path.join(tmp, name))
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # empty (checked above)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return loading.write_checkpoint(model, out_dir, tokenizer_from=base_dir)
