@@ -143,3 +143,10 @@ def test_bench_refuses_a_config_that_does_not_fit(capsys, monkeypatch):
     monkeypatch.setattr(bench, "available_memory", lambda device: 1 << 30)
     code, out, err = run(capsys, "bench", "--random-config", "0.5b", "--dtype", "fp32")
     assert code == 2 and out == "" and "GB available" in err and err.count("\n") == 1
+
+
+def test_data_synth_writes_a_valid_training_file(capsys, tmp_path):
+    from qwenvl.train.data import load_records
+    assert cli.main(["data", "synth", "--out", str(tmp_path), "--n", "4", "--seed", "5"]) == 0
+    records = load_records(tmp_path / "train.json")
+    assert len(records) == 4 and all(r["meta"]["task"] for r in records)

@@ -320,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"], help="precision of the unquantized parts")
     p.set_defaults(func=cmd_quantize)
 
+    p = sub.add_parser("data", help="datasets: generate synthetic pictures and conversations")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    from .data import synth
+    q = data_sub.add_parser("synth", help="pictures of shapes and words, with conversations in the fine-tuning format")
+    synth.add_arguments(q)
+    q.set_defaults(func=lambda args, q=q: synth.run(args, parser=q))
+
     p = sub.add_parser("merge", help="merge a LoRA adapter into its base: a full official-layout checkpoint")
     p.add_argument("--base", required=True)
     p.add_argument("--adapter", required=True)
