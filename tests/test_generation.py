@@ -370,3 +370,15 @@ def test_chat_stream_on_the_golden_model(model, tokenizer, in_golden):
     assert not set(new) & {151643, 151644, 151645}  # cut by max_new_tokens, not ended
     assert texts[-1] == tokenizer.decode(new, errors="replace").strip()
     assert texts[-1].startswith(case["response"])  # chat() drops the cut reply's last token, as the original
+
+
+def test_unknown_or_unsupported_generation_options_are_refused(model, tokenizer):
+    ids = torch.tensor([[9707, 11, 1879]])
+    with pytest.raises(TypeError, match="max_new_token"):
+        model.generate(ids, max_new_token=3)  # a typo must not silently fall back to 512 tokens
+    with pytest.raises(ValueError, match="num_beams"):
+        model.generate(ids, max_new_tokens=2, num_beams=4)
+    with pytest.raises(TypeError, match="temprature"):
+        model.chat(tokenizer, "hi", history=None, temprature=0.1)
+    out = model.generate(ids, max_new_tokens=2, do_sample=False, use_cache=True, num_beams=1)
+    assert out.shape == (1, 5)

@@ -12,6 +12,11 @@ import torch
 from .config import GenerationConfig
 
 _UNSET = object()
+OPTIONS = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id",
+           "stop_words_ids", "pad_token_id", "seed"}
+# transformers options that official examples pass and that change nothing here
+NO_OPS = {"use_cache", "return_dict_in_generate", "output_scores", "output_attentions", "output_hidden_states",
+          "num_beams", "num_return_sequences", "bos_token_id", "logits_processor", "synced_gpus"}
 
 
 @dataclass
@@ -30,6 +35,15 @@ class SamplingParams:
     @classmethod
     def build(cls, generation_config: GenerationConfig, **overrides) -> "SamplingParams":
         """Per-call overrides on top of generation_config.json; eos_token_id=None means never stop on eos."""
+        unknown = sorted(set(overrides) - OPTIONS - NO_OPS)
+        if unknown:
+            raise TypeError(f"unknown generation option(s): {', '.join(unknown)}; "
+                            f"supported: {', '.join(sorted(OPTIONS))}")
+        if overrides.get("num_beams", 1) not in (1, None) or overrides.get("num_return_sequences", 1) not in (1, None):
+            raise ValueError("beam search and several sequences per prompt are not supported: "
+                             "use num_beams=1, num_return_sequences=1")
+        if overrides.get("logits_processor"):
+            raise ValueError("custom logits_processor lists are not supported; use the sampling options")
         get = lambda name, default: default if overrides.get(name, _UNSET) in (_UNSET, None) else overrides[name]
         eos = overrides.get("eos_token_id", _UNSET)
         eos = generation_config.eos_token_id if eos is _UNSET else eos
