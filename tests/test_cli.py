@@ -150,3 +150,13 @@ def test_data_synth_writes_a_valid_training_file(capsys, tmp_path):
     assert cli.main(["data", "synth", "--out", str(tmp_path), "--n", "4", "--seed", "5"]) == 0
     records = load_records(tmp_path / "train.json")
     assert len(records) == 4 and all(r["meta"]["task"] for r in records)
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_a_bad_image_is_reported_before_the_model_loads(capsys, monkeypatch, command):
+    def no_load(args):
+        raise AssertionError("the model was loaded before the image was checked")
+    monkeypatch.setattr(cli, "_load", no_load)
+    extra = ["--prompt", "hi"] if command == "generate" else []
+    code, _, err = run(capsys, command, *BASE, "--image", "no-such.png", *extra)
+    assert code == 2 and "no-such.png" in err

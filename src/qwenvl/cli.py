@@ -55,34 +55,38 @@ def _load(args):
     return model, tokenizer
 
 
-def _draw(response: str, history, out: str) -> str:
-    """Save the boxes of `response` on the newest image of the conversation; returns a status line."""
+def _draw(response: str, history, out: str) -> tuple[bool, str]:
+    """Save the boxes of `response` on the newest image of the conversation; returns (saved, status line)."""
     boxes = parse_boxes(response)
     if not boxes:
-        return "the answer has no boxes to draw"
+        return False, "the answer has no boxes to draw"
     image_ref = latest_image(response, history)
     if image_ref is None:
-        return "there is no image in the conversation to draw on"
+        return False, "there is no image in the conversation to draw on"
     picture = draw_boxes(load_image(image_ref).convert("RGB"), boxes)
     tmp = out + ".tmp" + os.path.splitext(out)[1]
     picture.save(tmp)  # then rename: a failed save never leaves a half-written file under the real name
     os.replace(tmp, out)
-    return f"saved {len(boxes)} box(es) on {short_label(image_ref, 60)} to {out}"
+    return True, f"saved {len(boxes)} box(es) on {short_label(image_ref, 60)} to {out}"
+
+
+def _check_images(images: list[str]) -> None:
+    for image in images:  # fail early, with the file's name, before loading a model
+        load_image(image)
 
 
 def _query(tokenizer, images: list[str], prompt: str) -> str:
-    for image in images:  # fail early, with the file's name, before any model work
-        load_image(image)
     return tokenizer.from_list_format([{"image": i} for i in images] + [{"text": prompt}])
 
 
 def cmd_generate(args) -> int:
     if not args.prompt.strip() and not args.image:
         raise UsageError("--prompt is empty")
+    _check_images(args.image)
     model, tokenizer = _load(args)
     query = _query(tokenizer, args.image, args.prompt)
     response, history = model.chat(tokenizer, query, history=[], system=args.system, **_sampling_kwargs(args))
-    status = _draw(response, history, args.draw) if args.draw else None
+    drawn, status = _draw(response, history, args.draw) if args.draw else (False, None)
     if args.json:
         boxes = parse_boxes(response)
         image_ref = latest_image(response, history)
@@ -90,8 +94,8 @@ def cmd_generate(args) -> int:
             width, height = load_image(image_ref).size
             for b in boxes:
                 b["pixels"] = to_pixels(b["box"], width, height)
-        print(json.dumps({"response": response, "boxes": boxes, "images": args.image, "drawn": args.draw
-                          if status and status.startswith("saved") else None}, ensure_ascii=False))
+        print(json.dumps({"response": response, "boxes": boxes, "images": args.image,
+                          "drawn": args.draw if drawn else None}, ensure_ascii=False))
     else:
         print(response)
     if status:
@@ -109,6 +113,7 @@ CHAT_HELP = """Type a message and press Enter. Commands:
 
 
 def cmd_chat(args) -> int:
+    _check_images(args.image or [])
     model, tokenizer = _load(args)
     history: list = []
     pending: list[str] = list(args.image or [])
@@ -146,7 +151,7 @@ def cmd_chat(args) -> int:
             elif command == ":draw":
                 if not history:
                     raise UsageError("there is no answer to draw yet")
-                print(_draw(history[-1][1], history, rest or "boxes.png"))
+                print(_draw(history[-1][1], history, rest or "boxes.png")[1])
             elif command.startswith(":"):
                 raise UsageError(f"unknown command {command}; type :help")
             else:
