@@ -113,6 +113,16 @@ def test_eos_stops_a_row_and_pads_it(model, in_golden, pad_token_id):
     assert out[0, ids.shape[1] + k].item() == eos  # the eos itself is kept, as transformers does
 
 
+def test_min_new_tokens_forbids_eos_until_reached(model, in_golden):
+    ids = torch.tensor([PROMPTS[0]["input_ids"]])
+    first = SOLO[0][0]  # greedy's first new token; as eos it ends the row at once ...
+    assert greedy(model, ids, 6, eos_token_id=first).shape[1] == ids.shape[1] + 1
+    out = greedy(model, ids, 6, eos_token_id=first, min_new_tokens=3)[0, ids.shape[1]:].tolist()
+    assert first not in out[:3] and len(out) >= 4  # ... unless min_new_tokens holds it back (as transformers)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        greedy(model, ids, 6, min_new_tokens=-1)
+
+
 def test_eos_list_and_all_rows_finished_ends_generation(model, in_golden):
     k0, k1 = first_new_token_at(SOLO[0], 1), first_new_token_at(SOLO[1], 3)
     eos = [SOLO[0][k0], SOLO[1][k1]]

@@ -12,16 +12,18 @@ import torch
 from .config import GenerationConfig
 
 _UNSET = object()
-OPTIONS = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id",
+OPTIONS = {"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id",
            "stop_words_ids", "pad_token_id", "seed"}
 # transformers options that official examples pass and that change nothing here
 NO_OPS = {"use_cache", "return_dict_in_generate", "output_scores", "output_attentions", "output_hidden_states",
-          "num_beams", "num_return_sequences", "bos_token_id", "logits_processor", "synced_gpus"}
+          "num_beams", "num_return_sequences", "bos_token_id", "logits_processor", "synced_gpus",
+          "length_penalty"}  # length_penalty only acts in beam search
 
 
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 512
+    min_new_tokens: int = 0  # eos is forbidden before this many new tokens (transformers' MinNewTokens rule)
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
@@ -50,6 +52,7 @@ class SamplingParams:
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         params = cls(
             max_new_tokens=int(get("max_new_tokens", generation_config.max_new_tokens)),
+            min_new_tokens=int(get("min_new_tokens", 0)),
             do_sample=bool(get("do_sample", generation_config.do_sample)),
             temperature=float(get("temperature", generation_config.temperature)),
             top_k=int(get("top_k", generation_config.top_k)),
@@ -66,6 +69,8 @@ class SamplingParams:
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
         if self.do_sample and self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -100,10 +105,12 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def next_tokens(logits: torch.Tensor, sequences: torch.Tensor, params: SamplingParams,
-                generator: torch.Generator | None) -> torch.Tensor:
+                generator: torch.Generator | None, step: int = 0) -> torch.Tensor:
     logits = logits.float()
     if params.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, sequences, params.repetition_penalty)
+    if step < params.min_new_tokens and params.eos_token_id:
+        logits[:, params.eos_token_id] = float("-inf")
     if not params.do_sample:
         return logits.argmax(-1)
     probs = warp(logits, params).softmax(-1)
@@ -131,7 +138,7 @@ def iter_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     with torch.inference_mode():
         logits, cache, rows = model.prefill(sequences, attention_mask, images, params.max_new_tokens)
         for step in range(params.max_new_tokens):
-            tokens = next_tokens(logits, sequences, params, generator)
+            tokens = next_tokens(logits, sequences, params, generator, step)
             tokens = torch.where(done, torch.full_like(tokens, params.pad_token_id), tokens)
             yield tokens
             done |= torch.isin(tokens, eos)
