@@ -319,6 +319,14 @@ def turns_for(rng: random.Random, task: str, picture: Picture, lang: str) -> lis
         build = grounding if task == "grounding" else referring
         chosen = rng.sample(picture.things, min(len(picture.things), rng.randint(1, 2)))
         return [build(thing, lang) for thing in chosen]
+    if task == "multi":  # several tasks about one picture, one conversation
+        kinds = ["caption", "grounded_caption", "vqa", "vqa"] + ["grounding", "referring"] * bool(picture.things) + \
+            ["ocr"] * (picture.word is not None)
+        turns = {}
+        for kind in rng.sample(kinds, min(len(kinds), rng.randint(3, 5))):
+            for q, answer, info in turns_for(rng, kind, picture, lang):
+                turns.setdefault(q, (q, answer, info))
+        return list(turns.values())
     turns = {}
     for _ in range(rng.randint(1, 3)):
         q, answer, info = question(rng, picture, lang)
@@ -340,15 +348,17 @@ def compare_turns(rng: random.Random, first: Picture, second: Picture, lang: str
 # ---- writer -----------------------------------------------------------------------------------------
 
 TASKS = ("caption", "vqa", "grounding", "referring", "grounded_caption", "ocr", "compare")
+EXTRA_TASKS = ("multi",)  # several tasks about one picture in one conversation (asked for by name)
 
 
 def make_record(seed: int, split: str, index: int, image_size: int, langs: tuple[str, ...],
-                word_fonts: dict[str, str], out: Path) -> dict:
-    """Record `index`, its pictures saved under out/images; it depends only on (seed, split, index)."""
+                word_fonts: dict[str, str], out: Path, tasks: tuple[str, ...] = TASKS) -> dict:
+    """Record `index`, its pictures saved under out/images; it depends only on (seed, split, index, tasks).
+    A task named twice in `tasks` is drawn twice as often."""
     rng = random.Random(f"qwenvl-synth/{seed}/{split}/{index}")
     lang = rng.choice(langs)
     word_fonts = {k: v for k, v in word_fonts.items() if k == "en" or k in langs}
-    task = rng.choice([t for t in TASKS if t != "ocr" or word_fonts])
+    task = rng.choice([t for t in tasks if t != "ocr" or word_fonts])
     record_id = f"synth-{split}-{index:06d}"
     if task == "compare":
         first = draw_picture(rng, image_size, word_fonts, count=rng.randint(1, 4))
@@ -359,7 +369,8 @@ def make_record(seed: int, split: str, index: int, image_size: int, langs: tuple
         pictures = [first, second]
         turns = compare_turns(rng, first[0], second[0], lang)
     else:
-        pictures = [draw_picture(rng, image_size, word_fonts, word=True if task == "ocr" else None)]
+        word = True if task == "ocr" else (rng.random() < 0.5) if task == "multi" else None
+        pictures = [draw_picture(rng, image_size, word_fonts, word=word)]
         if task == "ocr" and pictures[0][0].word is None:
             task = "caption"  # no room left for the word
         if task in ("grounding", "referring") and not pictures[0][0].things:
@@ -382,14 +393,14 @@ def make_record(seed: int, split: str, index: int, image_size: int, langs: tuple
 
 
 def generate(out, n: int, seed: int = 0, split: str = "train", image_size: int = 448,
-             langs=("en",), progress: bool = False) -> Path:
+             langs=("en",), progress: bool = False, tasks: tuple[str, ...] = TASKS) -> Path:
     """Write n records to out/<split>.json and their pictures to out/images; returns the JSON file's path."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     word_fonts = fonts()
     records = []
     for index in range(n):
-        records.append(make_record(seed, split, index, image_size, tuple(langs), word_fonts, out))
+        records.append(make_record(seed, split, index, image_size, tuple(langs), word_fonts, out, tuple(tasks)))
         if progress and ((index + 1) % 100 == 0 or index + 1 == n):
             print(f"\r{index + 1}/{n} records", end="" if index + 1 < n else "\n", file=sys.stderr, flush=True)
     path = out / f"{split}.json"

@@ -63,6 +63,7 @@ class TrainArgs:
     num_workers: int = 2
     resume: bool = False
     device: str = "auto"
+    keep_tied_rows: bool = False  # rows of wte / lm_head shared by all ids the data never has stay shared
     history: list = field(default_factory=list)  # per-step records, filled by train()
 
 
@@ -245,6 +246,33 @@ def build_optimizer(model, args: TrainArgs):
     return trainable, torch.optim.AdamW(groups, lr=args.lr, betas=args.betas)
 
 
+def keep_rows_tied(model, optimizer, dataset, dist_: Distributed) -> None:
+    """Ids the training data never contains whose embedding (lm_head) rows equal the first such row at the
+    start stay exactly equal to it: after every optimizer step that row is copied over them. Their gradients
+    are equal in exact arithmetic anyway (no lookups; equal logits); the copy removes the rounding drift
+    between kernels' vector and tail paths, so the rows stay bit-identical and compress to nothing."""
+    if dist_.enabled:
+        raise ValueError("keep_tied_rows works in one process only")
+    base = getattr(dataset, "dataset", dataset)
+    unseen = torch.ones(model.config.vocab_size, dtype=torch.bool)
+    for sample in base.samples:
+        unseen[torch.from_numpy(sample.input_ids.astype(np.int64))] = False
+    tied = []
+    for table in (model.transformer.wte.weight, model.lm_head.weight):
+        ids = unseen.nonzero().flatten()
+        if len(ids) and table.requires_grad:
+            first = table.detach()[ids[0]]
+            same = (table.detach()[ids] == first).all(dim=1)
+            tied.append((table, ids[0], ids[same][1:]))
+
+    def copy_rows(*_):
+        with torch.no_grad():
+            for table, source, targets in tied:
+                table[targets] = table[source].clone()
+
+    optimizer.register_step_post_hook(copy_rows)
+
+
 def train(args: TrainArgs) -> dict:
     """Run a fine-tuning job; returns {"history": [...], "output": path, "model": the trained model (one process)}."""
     dist_ = Distributed(args.device)
@@ -276,6 +304,8 @@ def train(args: TrainArgs) -> dict:
         shard_model(model, dist_)
 
     trainable, optimizer = build_optimizer(model, args)
+    if args.keep_tied_rows:
+        keep_rows_tied(model, optimizer, dataset, dist_)
     scaler = torch.amp.GradScaler(dist_.device.type) if args.precision == "fp16" else None
 
     global_batch = args.batch_size * args.grad_accum * dist_.world
