@@ -21,7 +21,8 @@ class UsageError(Exception):
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", required=True, help="checkpoint folder (official Qwen-VL layout)")
+    p.add_argument("-m", "--model", default=None,
+                   help="checkpoint folder (official Qwen-VL layout; default: the bundled demo model)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="weights and compute precision (auto: config.json's flag, else the best for the device)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -46,9 +47,19 @@ def _sampling_kwargs(args) -> dict:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
+def default_model() -> str:
+    """The bundled demo model (see `qwenvl demo`), used when no -m is given."""
+    from .demo import DEMO_MODEL
+
+    if not (DEMO_MODEL / "config.json").exists():
+        raise UsageError(f"no -m given and the bundled demo model is missing from {DEMO_MODEL}")
+    return str(DEMO_MODEL)
+
+
 def _load(args):
     from . import AutoModelForCausalLM, AutoTokenizer
 
+    args.model = args.model or default_model()
     dtype = {"auto": {}, "bf16": {"bf16": True}, "fp16": {"fp16": True}, "fp32": {"fp32": True}}[args.dtype]
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, device_map=args.device, **dtype)
@@ -331,6 +342,39 @@ def build_parser() -> argparse.ArgumentParser:
     q = data_sub.add_parser("synth", help="pictures of shapes and words, with conversations in the fine-tuning format")
     synth.add_arguments(q)
     q.set_defaults(func=lambda args, q=q: synth.run(args, parser=q))
+    from .data import bench as bench_data
+    q = data_sub.add_parser("bench", help="synthetic files in every benchmark's format, for qwenvl eval")
+    bench_data.add_arguments(q)
+    q.set_defaults(func=lambda args, q=q: bench_data.run(args, parser=q))
+
+    from .eval import tasks as eval_tasks
+    p = sub.add_parser("eval", help="run a benchmark with the original protocol and score it",
+                       description="Benchmarks: " + ", ".join(eval_tasks.TASKS))
+    p.add_argument("task", choices=list(eval_tasks.TASKS), metavar="TASK", help="one of: " + ", ".join(eval_tasks.TASKS))
+    p.add_argument("-m", "--model", default=None, help="checkpoint folder (default: the bundled demo model)")
+    p.add_argument("--data", required=True, help="the benchmark file in the original's format (MME: its folder)")
+    p.add_argument("--images", help="folder that relative image paths are resolved against")
+    p.add_argument("--annotations", help="official annotation JSON (VQA answers, DocVQA answers, COCO captions)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--limit", type=int, help="only the first N items")
+    p.add_argument("--out", help="folder for predictions and metrics (default: eval_results/TASK)")
+    p.add_argument("--scorer", default="fixed", choices=["fixed", "compat"],
+                   help="fixed: the documented metrics; compat: the original scripts' quirks (see docs)")
+    p.add_argument("--few-shot", type=int, default=0, help="solved examples before each prompt (caption, VQA)")
+    p.add_argument("--few-shot-data", help="where examples come from (default: the evaluated file itself)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("eval-table", help="one table of the metrics.json files under the given folders")
+    p.add_argument("folders", nargs="+")
+    p.set_defaults(func=cmd_eval_table)
+
+    p = sub.add_parser("demo", help="the bundled demo model: train it from scratch, measure its quality")
+    from . import demo
+    demo.add_arguments(p)
+    p.set_defaults(func=demo.run)
 
     p = sub.add_parser("merge", help="merge a LoRA adapter into its base: a full official-layout checkpoint")
     p.add_argument("--base", required=True)
@@ -340,6 +384,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision of the merged weights (auto: the base's config.json)")
     p.set_defaults(func=cmd_merge)
     return parser
+
+
+def cmd_eval(args) -> int:
+    from .eval.runner import EvalArgs, evaluate, summary_table
+
+    result = evaluate(EvalArgs(task=args.task, model=args.model or default_model(), data=args.data,
+                               images=args.images, annotations=args.annotations, batch_size=args.batch_size,
+                               limit=args.limit, out=args.out, scorer=args.scorer, few_shot=args.few_shot,
+                               few_shot_data=args.few_shot_data, seed=args.seed, dtype=args.dtype,
+                               device=args.device))
+    if result is not None:
+        print(summary_table([result]))
+        print(f"metrics: {os.path.join(args.out or os.path.join('eval_results', args.task), 'metrics.json')}")
+    return 0
+
+
+def cmd_eval_table(args) -> int:
+    from .eval.runner import summary_table
+
+    found = []
+    for folder in args.folders:
+        for root, _, files in sorted(os.walk(folder)):
+            if "metrics.json" in files:
+                with open(os.path.join(root, "metrics.json"), encoding="utf-8") as f:
+                    found.append(json.load(f))
+    if not found:
+        raise UsageError(f"no metrics.json under {', '.join(args.folders)}")
+    print(summary_table(found))
+    return 0
 
 
 def main(argv=None) -> int:
