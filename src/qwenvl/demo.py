@@ -177,6 +177,105 @@ def build(out: str, work: str, n_train: int = 24000, steps: int = 3000, batch_si
     return timings
 
 
+# ---- quality -----------------------------------------------------------------------------------------
+
+# (row name, meta task, target): the bars the demo model is built to clear on held-out pictures.
+QUALITY_ROWS = (("grounding", "grounding", 0.85), ("colour", "colour", 0.90), ("shape", "shape", 0.90),
+                ("count", "count", 0.90), ("ocr (single word)", "ocr", 0.80), ("caption names every object", "caption", 0.80),
+                ("position", "position", None), ("referring", "referring", None),
+                ("grounded caption (all boxes)", "grounded_caption", None), ("two-picture compare", "compare_more", None),
+                ("two-picture total", "compare_total", None))
+
+
+def quality_items(records: list[dict]) -> list[tuple[dict, str, str, dict]]:
+    """(record, language, single-turn query, answer meta) for every assistant turn of the held-out records."""
+    out = []
+    for record in records:
+        head = "".join(f"Picture {k}: <img>{im['file']}</img>\n" for k, im in enumerate(record["meta"]["images"], 1))
+        questions = [c["value"] for c in record["conversations"] if c["from"] == "user"]
+        for j, (question, answer) in enumerate(zip(questions, record["meta"]["answers"])):
+            out.append((record, record["meta"]["lang"], question if j == 0 else head + question, answer))
+    return out
+
+
+def judge(record: dict, lang: str, reply: str, answer: dict) -> bool:
+    """Whether `reply` is right: boxes by IoU >= 0.5 (0-1000 space), captions by naming every object,
+    everything else exactly."""
+    from .boxes import parse_boxes
+    from .data import synth
+    from .eval.metrics import box_iou
+
+    task = answer["task"]
+    if task == "grounding":
+        boxes = parse_boxes(reply)
+        return bool(boxes) and box_iou(boxes[0]["box"], answer["box"]) >= 0.5
+    if task == "caption":
+        things = record["meta"]["images"][0]["things"]
+        names = [f"{t['colour']} {t['shape']}" if lang == "en" else
+                 f"{synth.COLOURS_ZH[t['colour']]}的{synth.SHAPES_ZH[t['shape']]}" for t in things]
+        return all(name in reply.lower() for name in names)
+    if task == "grounded_caption":
+        boxes = parse_boxes(reply)
+        want = [t["box"] for t in record["meta"]["images"][0]["things"]]
+        return len(boxes) >= len(want) and all(any(box_iou(b["box"], w) >= 0.5 for b in boxes) for w in want)
+    return reply.strip() == answer["answer"]
+
+
+def quality(model_path: str, work: str, n: int = 400, seed: int = 1234, batch_size: int = 8,
+            progress: bool = True) -> dict:
+    """Accuracy per task and language on `n` held-out synthetic records (a seed the build never uses)."""
+    from .data import synth
+    from .eval.runner import predict_chat
+    from .eval.tasks import Item, Task
+    from .loading import from_pretrained
+    from .tokenizer import QWenTokenizer
+
+    folder = Path(work) / f"quality-{seed}-{n}"
+    path = folder / "test.json"
+    if not path.exists():
+        synth.generate(folder, n, seed=seed, split="test", image_size=DEMO_CONFIG["visual"]["image_size"],
+                       langs=("en", "zh"))
+    records = json.loads(path.read_text(encoding="utf-8"))
+    for record in records:  # image paths relative to the test file
+        for turn in record["conversations"]:
+            turn["value"] = turn["value"].replace("<img>images/", f"<img>{folder}/images/")
+        for image in record["meta"]["images"]:
+            image["file"] = f"{folder}/{image['file']}"
+    model = from_pretrained(model_path, device_map="cpu")
+    tokenizer = QWenTokenizer.from_pretrained(model_path)
+    task = Task("quality", "chat", "chat", "mme", max_new_tokens=160, min_new_tokens=0)
+    items = quality_items(records)
+    counts: dict = {}
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        replies = predict_chat(model, tokenizer, task, [Item(str(i), q) for i, (_, _, q, _) in enumerate(chunk)])
+        for (record, lang, _, answer), reply in zip(chunk, replies):
+            key = (answer["task"], lang)
+            right, total = counts.get(key, (0, 0))
+            counts[key] = (right + judge(record, lang, reply, answer), total + 1)
+        if progress:
+            print(f"\r{min(start + batch_size, len(items))}/{len(items)} questions", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return {f"{t}/{lang}": {"right": r, "total": n_} for (t, lang), (r, n_) in sorted(counts.items())}
+
+
+def quality_table(results: dict) -> str:
+    rows = [("task", "English", "Chinese", "all", "target")]
+    for name, task, target in QUALITY_ROWS:
+        cells = []
+        for lang in ("en", "zh", None):
+            keys = [k for k in results if k.split("/")[0] == task and (lang is None or k.endswith("/" + lang))]
+            right = sum(results[k]["right"] for k in keys)
+            total = sum(results[k]["total"] for k in keys)
+            cells.append(f"{right / total:.3f} ({total})" if total else "-")
+        rows.append((name, *cells, f">= {target:.2f}" if target else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="demo_command", required=True)
     b = sub.add_parser("build", help="train the demo model from scratch (stage 1 -> 2 -> 3)")
@@ -187,6 +286,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--batch-size", type=int, default=16)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--num-workers", type=int, default=1)
+    q = sub.add_parser("quality", help="the quality table on held-out synthetic pictures")
+    q.add_argument("-m", "--model", default=str(DEMO_MODEL), help="checkpoint (default: the bundled demo model)")
+    q.add_argument("--work", default="demo_quality", help="folder for the held-out pictures (default demo_quality)")
+    q.add_argument("--n", type=int, default=400, help="held-out records (default 400)")
+    q.add_argument("--seed", type=int, default=1234, help="held-out seed (the build trains on seed 0)")
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--json", help="also write the counts to this JSON file")
 
 
 def run(args) -> int:
@@ -194,5 +300,11 @@ def run(args) -> int:
         timings = build(args.out, args.work or args.out.rstrip("/") + ".work", args.n_train, args.steps,
                         args.batch_size, args.seed, args.num_workers)
         print(json.dumps({"out": args.out, "seconds": {k: round(v) for k, v in timings.items()}}))
+        return 0
+    if args.demo_command == "quality":
+        results = quality(args.model, args.work, args.n, args.seed, args.batch_size)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        print(quality_table(results))
         return 0
     raise ValueError(args.demo_command)

@@ -1,0 +1,85 @@
+"""The demo model's recipe: shared rows for unseen ids (and training keeps them shared), the quality judge,
+and the bundled checkpoint itself: an official-layout model that answers held-out questions."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import qwenvl
+from qwenvl import demo
+from qwenvl.bench import random_config
+from qwenvl.train.loop import TrainArgs, train
+
+from conftest import CHECKPOINT, GOLDEN
+
+
+def test_init_shares_one_row_among_unseen_ids():
+    config = random_config("tiny")
+    seen = {0, 5, 9707, 151643, 151935}
+    model = demo.init_model(config, seen, seed=1)
+    for table in (model.transformer.wte.weight, model.lm_head.weight):
+        unseen = [i for i in range(config.vocab_size) if i not in seen]
+        assert torch.equal(table[unseen], table[unseen[0]].expand(len(unseen), -1))
+        rows = table[sorted(seen)]
+        assert len({tuple(r.tolist()) for r in rows}) == len(seen)  # seen ids keep their own rows
+        assert not torch.equal(rows[0], table[unseen[0]])
+    pos = model.transformer.visual.attn_pool.pos_embed  # the resampler's fixed 2-D sin-cos table, 16 x 16
+    torch.testing.assert_close(pos, demo.sincos_2d(pos.shape[1], 16), rtol=0, atol=0)
+
+
+def test_training_keeps_tied_rows_bit_identical(tmp_path):
+    shutil.copy(GOLDEN / "images" / "shapes_640x480.png", tmp_path / "a.png")
+    records = [{"id": "x", "conversations": [
+        {"from": "user", "value": "Picture 1: <img>a.png</img>\nWhat colour is the square?"},
+        {"from": "assistant", "value": "The square is red."}]}]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    tokenizer = qwenvl.QWenTokenizer.from_pretrained(str(CHECKPOINT))
+    seen = demo.tokens_of(records, tokenizer)
+    model = demo.init_model(random_config("tiny"), seen, seed=0)
+    qwenvl.save_pretrained(model, str(tmp_path / "init"))
+    for name in ("qwen.tiktoken", "tokenizer_config.json"):
+        shutil.copy(CHECKPOINT / name, tmp_path / "init" / name)
+    before = model.lm_head.weight.detach().clone()
+    result = train(TrainArgs(model=str(tmp_path / "init"), data=str(tmp_path / "d.json"), output=str(tmp_path / "o"),
+                             max_steps=3, lr=1e-2, warmup_ratio=0.0, precision="bf16", num_workers=0,
+                             train=("resampler", "llm"), keep_tied_rows=True))
+    trained = result["model"]
+    unseen = [i for i in range(151936) if i not in seen]
+    for table in (trained.transformer.wte.weight, trained.lm_head.weight):
+        assert torch.equal(table[unseen], table[unseen[0]].expand(len(unseen), -1))
+    assert not torch.equal(trained.lm_head.weight[unseen[0]], before[unseen[0]])  # the shared row did learn
+    seen_ids = sorted(seen)
+    assert not torch.equal(trained.lm_head.weight[seen_ids], before[seen_ids])
+
+
+def test_judge_reads_boxes_captions_and_exact_answers():
+    thing = {"shape": "circle", "colour": "red", "size": "small", "horizontal": "left", "vertical": "top",
+             "pixel_box": [0, 0, 10, 10], "box": [100, 100, 300, 300]}
+    record = {"meta": {"images": [{"things": [thing, {**thing, "shape": "star", "colour": "orange",
+                                                        "box": [600, 600, 900, 900]}]}]}}
+    grounding = {"task": "grounding", "box": [100, 100, 300, 300]}
+    assert demo.judge(record, "en", "<ref>the red circle</ref><box>(110,100),(300,310)</box>", grounding)
+    assert not demo.judge(record, "en", "<ref>the red circle</ref><box>(400,400),(600,600)</box>", grounding)
+    assert not demo.judge(record, "en", "a red circle", grounding)
+    caption = {"task": "caption"}
+    assert demo.judge(record, "en", "A red circle at the top left and an orange star at the bottom right.", caption)
+    assert not demo.judge(record, "en", "A red circle at the top left.", caption)
+    assert demo.judge(record, "zh", "左上方有一个红色的圆形，右下方有一个橙色的五角星。", caption)
+    assert demo.judge(record, "en", "3", {"task": "count", "answer": "3"})
+    assert not demo.judge(record, "en", "3 shapes", {"task": "count", "answer": "3"})
+
+
+# ---- the bundled checkpoint --------------------------------------------------------------------------
+
+needs_model = pytest.mark.skipif(not (demo.DEMO_MODEL / "config.json").exists(), reason="demo model not built")
+
+
+@needs_model
+def test_bundled_model_is_an_official_checkpoint_with_shared_rows():
+    config = json.loads((demo.DEMO_MODEL / "config.json").read_text())
+    assert config["vocab_size"] == 151936 and config["visual"]["image_size"] == 224
+    model = qwenvl.from_pretrained(str(demo.DEMO_MODEL), fp32=True, device_map="cpu")  # plain (unpacked) weights
+    for table in (model.transformer.wte.weight, model.lm_head.weight):
+        distinct = torch.unique(table.float(), dim=0).shape[0]
+        assert distinct < 5000  # ~150k rows share one value: the file compresses to a few MB
