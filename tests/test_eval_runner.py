@@ -254,3 +254,14 @@ def test_mmbench_tsv_pictures_are_decoded_once(ckpt, files, tmp_path):
     assert (pictures / "0.jpg").stat().st_mtime_ns == stamp
     row = (files[0] / "mmbench" / "dev.tsv").read_text().splitlines()[1].split("\t")
     assert (tmp_path / "out" / "images" / "0.jpg").read_bytes() == base64.b64decode(row[-1])
+
+
+def test_synthetic_benchmark_files_are_deterministic(tmp_path):
+    if "en" not in synth.fonts():
+        pytest.skip("no TrueType font for the words in the pictures")
+    bench.generate(tmp_path / "a", n=2, seed=7, image_size=96, tasks=("gqa", "mmbench", "mme"))
+    bench.generate(tmp_path / "b", n=2, seed=7, image_size=96, tasks=("gqa", "mmbench", "mme"))
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert files_a == files_b and len(files_a) > 10
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files_a)

@@ -136,7 +136,7 @@ def to_bf16(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def build(out: str, work: str, n_train: int = 24000, steps: int = 3000, batch_size: int = 16, seed: int = 0,
+def build(out: str, work: str, n_train: int = 16000, steps: int = 1800, batch_size: int = 16, seed: int = 0,
           num_workers: int = 1) -> dict:
     """Synthesize data, initialize, train stage 1 -> 2 -> 3, write the bf16 checkpoint to `out`."""
     from .data import synth
@@ -281,8 +281,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b = sub.add_parser("build", help="train the demo model from scratch (stage 1 -> 2 -> 3)")
     b.add_argument("--out", required=True, help="folder for the finished checkpoint")
     b.add_argument("--work", help="folder for data, stage checkpoints and resumable state (default: OUT.work)")
-    b.add_argument("--n-train", type=int, default=24000, help="synthetic training records")
-    b.add_argument("--steps", type=int, default=3000, help="optimizer steps over the three stages")
+    b.add_argument("--n-train", type=int, default=16000, help="synthetic training records")
+    b.add_argument("--steps", type=int, default=1800, help="optimizer steps over the three stages")
     b.add_argument("--batch-size", type=int, default=16)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--num-workers", type=int, default=1)

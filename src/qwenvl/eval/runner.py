@@ -225,8 +225,10 @@ def evaluate(args: EvalArgs) -> dict | None:
     if todo:
         tokenizer = QWenTokenizer.from_pretrained(args.model)
         kwargs = {"bf16": args.dtype == "bf16", "fp16": args.dtype == "fp16", "fp32": args.dtype == "fp32"}
-        model = loading.from_pretrained(args.model, device_map=args.device if args.device != "auto" else None,
-                                        progress=False, **kwargs)
+        device = args.device
+        if device == "auto":  # under torchrun each rank takes its own GPU
+            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+        model = loading.from_pretrained(args.model, device_map=device, progress=False, **kwargs)
         predict = PREDICT[task.kind]
         started, finished = time.time(), 0
         part = os.path.join(out, f"predictions.rank{dist_.rank}.jsonl")
