@@ -83,3 +83,19 @@ def test_bundled_model_is_an_official_checkpoint_with_shared_rows():
     for table in (model.transformer.wte.weight, model.lm_head.weight):
         distinct = torch.unique(table.float(), dim=0).shape[0]
         assert distinct < 5000  # ~150k rows share one value: the file compresses to a few MB
+
+
+def test_init_resampler_sees_where_things_are():
+    """Each query starts attending to its own column (first head) and row (second head), so different
+    pictures give different features and a picture's 256 outputs differ (random projections give ~ the
+    same average for every query and every picture)."""
+    model = demo.init_model(demo.demo_config(), set(range(300)), seed=0).eval()
+    pixels = torch.zeros(2, 3, 224, 224)
+    pixels[0, :, :, :112] = 1.0  # left half bright
+    pixels[1, :, :112, :] = 1.0  # top half bright
+    with torch.no_grad():
+        features = model.transformer.visual(pixels)
+    cos = torch.nn.functional.cosine_similarity(features[0].flatten(), features[1].flatten(), dim=0)
+    assert cos < 0.9
+    spread = (features[0] - features[0].mean(0)).norm() / features[0].norm()
+    assert spread > 0.3

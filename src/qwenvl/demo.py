@@ -52,6 +52,9 @@ def demo_config() -> QWenConfig:
                                                     "torch_dtype": "bfloat16"})
 
 
+POSITION_GAIN = 2.0  # logit of a query for a key in its own column (row): 64 * 2^2 / sqrt(128) ~ 23
+
+
 def sincos_2d(dim: int, grid: int) -> torch.Tensor:
     """The resampler's fixed 2-D sin-cos position table, [grid * grid, dim], as the original builds it."""
     import numpy as np
@@ -87,6 +90,16 @@ def init_model(config: QWenConfig, seen_ids, seed: int = 0):
                 p.normal_(0.0, std / math.sqrt(2 * config.num_hidden_layers))
             else:
                 p.normal_(0.0, std)
+    # The resampler starts by looking where its position says: zero queries, and query/key projections that
+    # are scaled identities, so query (row r, column c) attends to the ViT tokens of column c (first head,
+    # whose half of the sin-cos table encodes x) and of row r (second head: y). With random projections
+    # every query would attend uniformly and all 256 outputs would be the same average of the picture,
+    # and a model trained from scratch would have to find positions before it could see anything.
+    resampler = model.transformer.visual.attn_pool
+    dim = resampler.query.shape[1]
+    with torch.no_grad():
+        resampler.query.zero_()
+        resampler.attn.in_proj_weight[:2 * dim] = torch.eye(dim).repeat(2, 1) * POSITION_GAIN
     unseen = torch.ones(config.vocab_size, dtype=torch.bool)
     unseen[torch.tensor(sorted(seen_ids), dtype=torch.long)] = False
     with torch.no_grad():
@@ -122,21 +135,24 @@ def demo_generation_config(tokenizer_dir: Path) -> GenerationConfig:
     return GenerationConfig.from_json(str(path)) if path.exists() else GenerationConfig()
 
 
+SHARD_BYTES = 64 << 20  # shards stay well under the 100 MB per-file limit of common git hosts
+
+
 def to_bf16(src: Path, dst: Path) -> None:
-    """The final checkpoint in bfloat16 (as the official ones), written aside and renamed into place."""
+    """The final checkpoint in bfloat16 (as the official ones), sharded, written aside and renamed into place."""
     from .loading import from_pretrained
 
     model = from_pretrained(str(src), bf16=True, device_map="cpu")
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, str(tmp))
+    save_pretrained(model, str(tmp), max_shard_bytes=SHARD_BYTES)
     for name in TOKENIZER_FILES:
         shutil.copy(src / name, tmp / name)
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(tmp, dst)
 
 
-def build(out: str, work: str, n_train: int = 16000, steps: int = 1800, batch_size: int = 16, seed: int = 0,
+def build(out: str, work: str, n_train: int = 16000, steps: int = 1400, batch_size: int = 16, seed: int = 0,
           num_workers: int = 1) -> dict:
     """Synthesize data, initialize, train stage 1 -> 2 -> 3, write the bf16 checkpoint to `out`."""
     from .data import synth
@@ -282,7 +298,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--out", required=True, help="folder for the finished checkpoint")
     b.add_argument("--work", help="folder for data, stage checkpoints and resumable state (default: OUT.work)")
     b.add_argument("--n-train", type=int, default=16000, help="synthetic training records")
-    b.add_argument("--steps", type=int, default=1800, help="optimizer steps over the three stages")
+    b.add_argument("--steps", type=int, default=1400, help="optimizer steps over the three stages")
     b.add_argument("--batch-size", type=int, default=16)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--num-workers", type=int, default=1)
