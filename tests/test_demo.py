@@ -41,16 +41,30 @@ def test_training_keeps_tied_rows_bit_identical(tmp_path):
     for name in ("qwen.tiktoken", "tokenizer_config.json"):
         shutil.copy(CHECKPOINT / name, tmp_path / "init" / name)
     before = model.lm_head.weight.detach().clone()
+    resampler_before = {k: v.clone() for k, v in model.transformer.visual.attn_pool.state_dict().items()}
     result = train(TrainArgs(model=str(tmp_path / "init"), data=str(tmp_path / "d.json"), output=str(tmp_path / "o"),
                              max_steps=3, lr=1e-2, warmup_ratio=0.0, precision="bf16", num_workers=0,
-                             train=("resampler", "llm"), keep_tied_rows=True))
+                             train=("resampler", "llm"), keep_tied_rows=True, frozen=("transformer.visual.attn_pool",)))
     trained = result["model"]
+    for name, value in trained.transformer.visual.attn_pool.state_dict().items():  # frozen despite its group
+        assert torch.equal(value, resampler_before[name]), name
+    assert not torch.equal(trained.transformer.visual.proj, model.transformer.visual.proj)  # the rest trained
     unseen = [i for i in range(151936) if i not in seen]
     for table in (trained.transformer.wte.weight, trained.lm_head.weight):
         assert torch.equal(table[unseen], table[unseen[0]].expand(len(unseen), -1))
     assert not torch.equal(trained.lm_head.weight[unseen[0]], before[unseen[0]])  # the shared row did learn
     seen_ids = sorted(seen)
     assert not torch.equal(trained.lm_head.weight[seen_ids], before[seen_ids])
+
+
+def test_frozen_names_must_match_a_parameter(tmp_path):
+    from qwenvl.train.loop import freeze_named
+    model = demo.init_model(random_config("tiny"), {1, 2}, seed=0)
+    with pytest.raises(ValueError, match="match no parameter: transformer.visual.nope"):
+        freeze_named(model, ("transformer.visual.nope",))
+    freeze_named(model, ("transformer.visual.transformer",))
+    assert not any(p.requires_grad for p in model.transformer.visual.transformer.parameters())
+    assert model.transformer.visual.proj.requires_grad
 
 
 def test_judge_reads_boxes_captions_and_exact_answers():

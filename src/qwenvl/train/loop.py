@@ -64,6 +64,7 @@ class TrainArgs:
     resume: bool = False
     device: str = "auto"
     keep_tied_rows: bool = False  # rows of wte / lm_head shared by all ids the data never has stay shared
+    frozen: tuple[str, ...] = ()  # parameters (official names or their prefixes) kept frozen in any group
     history: list = field(default_factory=list)  # per-step records, filled by train()
 
 
@@ -246,6 +247,19 @@ def build_optimizer(model, args: TrainArgs):
     return trainable, torch.optim.AdamW(groups, lr=args.lr, betas=args.betas)
 
 
+def freeze_named(model, names) -> None:
+    """Freeze every parameter whose official name is one of `names` or starts with one followed by '.'."""
+    found = set()
+    for name, p in model.named_parameters():
+        for wanted in names:
+            if name == wanted or name.startswith(wanted + "."):
+                p.requires_grad_(False)
+                found.add(wanted)
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise ValueError(f"frozen names match no parameter: {', '.join(missing)}")
+
+
 def keep_rows_tied(model, optimizer, dataset, dist_: Distributed) -> None:
     """Ids the training data never contains whose embedding (lm_head) rows equal the first such row at the
     start stay exactly equal to it: after every optimizer step that row is copied over them. Their gradients
@@ -297,6 +311,7 @@ def train(args: TrainArgs) -> dict:
         adapters.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                           extra=args.lora_extra)
     adapters.apply_freeze_plan(model, set(args.train))
+    freeze_named(model, args.frozen)
     if args.gradient_checkpointing:
         model.transformer.gradient_checkpointing = True
         model.transformer.visual.transformer.gradient_checkpointing = True
