@@ -2,6 +2,7 @@
 and the bundled checkpoint itself: an official-layout model that answers held-out questions."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,6 +87,7 @@ def test_judge_reads_boxes_captions_and_exact_answers():
 
 # ---- the bundled checkpoint --------------------------------------------------------------------------
 
+MIN_HELD_OUT_ACCURACY = 0.6  # well below what `qwenvl demo quality` measures (README): a guard, not a target
 needs_model = pytest.mark.skipif(not (demo.DEMO_MODEL / "config.json").exists(), reason="demo model not built")
 
 
@@ -113,3 +115,27 @@ def test_init_resampler_sees_where_things_are():
     assert cos < 0.9
     spread = (features[0] - features[0].mean(0)).norm() / features[0].norm()
     assert spread > 0.3
+
+
+@needs_model
+def test_bundled_model_answers_held_out_questions(tmp_path):
+    """A regression guard: the shipped model on 24 held-out pictures (a seed neither the build nor the README's
+    quality table uses), scored by the same judge as `qwenvl demo quality`."""
+    results = demo.quality(str(demo.DEMO_MODEL), str(tmp_path), n=24, seed=777, progress=False)
+    right = sum(r["right"] for r in results.values())
+    total = sum(r["total"] for r in results.values())
+    assert total >= 30 and right / total >= MIN_HELD_OUT_ACCURACY, results
+
+
+@needs_model
+def test_readme_example_grounds_the_red_circle(tmp_path, capsys):
+    from qwenvl import cli
+    from qwenvl.eval.metrics import box_iou
+
+    example = Path(__file__).parents[1] / "examples" / "shapes.png"
+    assert cli.main(["generate", "--image", str(example), "--prompt", "Output the bounding box of the red circle.",
+                     "--json", "--draw", str(tmp_path / "out.png")]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["boxes"] and answer["boxes"][0]["ref"] == "the red circle"
+    assert box_iou(answer["boxes"][0]["box"], (411, 638, 527, 754)) >= 0.5  # drawn by synth: its exact box
+    assert (tmp_path / "out.png").exists()

@@ -26,7 +26,6 @@ from .config import GenerationConfig, QWenConfig, VisualConfig
 from .loading import TOKENIZER_FILES, save_pretrained
 
 DEMO_MODEL = Path(__file__).parent / "demo_model"
-EXAMPLES = Path(__file__).parent / "examples"
 
 DEMO_CONFIG = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, kv_channels=64,
                    intermediate_size=1536, seq_length=2048, bf16=True,
