@@ -255,10 +255,11 @@ def _mmbench(task, data, images, annotations, work_dir):
         except ValueError as e:
             raise EvalDataError(f"{where}: bad index or base64 image ({e})") from None
         path = os.path.join(folder, f"{index}.jpg")
-        if not os.path.exists(path):
-            with open(path + ".tmp", "wb") as out:
+        if not os.path.exists(path):  # several ranks may decode at once: each writes its own temporary file
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as out:
                 out.write(picture)
-            os.replace(path + ".tmp", path)
+            os.replace(tmp, path)
         choices = [row[c] for c in "ABCD" if row.get(c) not in (None, "", "nan")]
         hint = row.get("hint") if row.get("hint") not in (None, "", "nan") else None
         answer = row.get("answer")
