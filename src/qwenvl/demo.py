@@ -297,10 +297,9 @@ def quality_table(results: dict) -> str:
             total = sum(results[k]["total"] for k in keys)
             cells.append(f"{right / total:.3f} ({total})" if total else "-")
         rows.append((name, *cells, f">= {target:.2f}" if target else ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    from .eval.runner import format_table
+
+    return format_table(rows)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

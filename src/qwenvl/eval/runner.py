@@ -288,6 +288,11 @@ def summary_table(results: list[dict]) -> str:
         value = r[r["metric"]]
         shown = f"{value:.2f}" if task.metric in ("mme",) else f"{100 * value:.2f}"
         rows.append((r["task"], r["scorer"], r["metric"], shown, task.reported or "-", str(r["count"])))
+    return format_table(rows)
+
+
+def format_table(rows: list[tuple[str, ...]]) -> str:
+    """Left-aligned columns, the first row a header underlined with dashes."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

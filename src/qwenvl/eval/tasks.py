@@ -163,7 +163,10 @@ def _coco_caption(task, data, images, annotations, work_dir):
     if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
         raise EvalDataError(f"{data}: a COCO caption file needs an 'images' list (and 'annotations')")
     refs = defaultdict(list)
-    for n, ann in enumerate(read_json(annotations)["annotations"] if annotations else coco.get("annotations", [])):
+    source = read_json(annotations) if annotations else coco
+    if not isinstance(source, dict) or not isinstance(source.get("annotations", []), list):
+        raise EvalDataError(f"{annotations or data}: a COCO caption file's 'annotations' must be a list")
+    for n, ann in enumerate(source.get("annotations", [])):
         need(ann, ("image_id", "caption"), f"{annotations or data}: annotations[{n}]")
         refs[ann["image_id"]].append(ann["caption"])
     items = []
@@ -204,10 +207,13 @@ def _official_answers(path: str) -> dict:
     """question id -> answers, from an official VQA annotation file ({"annotations": [{"question_id",
     "answers": [{"answer"}]}]}) or a DocVQA/InfographicsVQA one ({"data": [{"questionId", "answers"}]})."""
     content = read_json(path)
-    if isinstance(content, dict) and "annotations" in content:
-        return {str(a["question_id"]): [x["answer"] for x in a["answers"]] for a in content["annotations"]}
-    if isinstance(content, dict) and "data" in content:
-        return {str(a["questionId"]): list(a.get("answers", [])) for a in content["data"]}
+    try:
+        if isinstance(content, dict) and "annotations" in content:
+            return {str(a["question_id"]): [x["answer"] for x in a["answers"]] for a in content["annotations"]}
+        if isinstance(content, dict) and "data" in content:
+            return {str(a["questionId"]): list(a.get("answers", [])) for a in content["data"]}
+    except (KeyError, TypeError) as e:
+        raise EvalDataError(f"{path}: an annotation lacks {e} (question_id / answers)") from None
     raise EvalDataError(f"{path}: not a VQA annotation file (no 'annotations') nor a DocVQA one (no 'data')")
 
 
@@ -224,9 +230,11 @@ def _choice(task, data, images, annotations, work_dir):
         choices = row["choices"]
         if not isinstance(choices, list) or not 2 <= len(choices) <= len(OPTION_LETTERS):
             raise EvalDataError(f"{where}: 'choices' must be a list of 2 to {len(OPTION_LETTERS)} options")
+        if not isinstance(row["answer"], int) or not 0 <= row["answer"] < len(choices):
+            raise EvalDataError(f"{where}: 'answer' must be the index of the right choice (0 to {len(choices) - 1})")
         items.append(Item(str(row.get("question_id", row.get("index", n - 1))),
                           _choice_prompt(images(row["image"], where), row.get("hint"), row["question"], choices),
-                          {"answer": int(row["answer"])}, options=len(choices)))
+                          {"answer": row["answer"]}, options=len(choices)))
     return items
 
 
