@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,20 +102,70 @@ def test_bundled_model_is_an_official_checkpoint_with_shared_rows():
         assert distinct < 5000  # ~150k rows share one value: the file compresses to a few MB
 
 
-def test_init_resampler_sees_where_things_are():
-    """Each query starts attending to its own column (first head) and row (second head), so different
-    pictures give different features and a picture's 256 outputs differ (random projections give ~ the
-    same average for every query and every picture)."""
+def test_init_resampler_maps_each_cell_to_its_own_output():
+    """Output (r, c) of the freshly initialized tower follows the picture at cell (r, c): changing one 14-pixel
+    cell moves that output far more than any other (random projections average the picture into every output)."""
     model = demo.init_model(demo.demo_config(), set(range(300)), seed=0).eval()
-    pixels = torch.zeros(2, 3, 224, 224)
-    pixels[0, :, :, :112] = 1.0  # left half bright
-    pixels[1, :, :112, :] = 1.0  # top half bright
+    visual = model.transformer.visual
+    cells = ((9, 14), (15, 0), (2, 3))
+    pixels = torch.zeros(1 + len(cells), 3, 224, 224)  # picture 0 blank, picture k: one bright cell
+    for k, (r, c) in enumerate(cells, 1):
+        pixels[k, :, r * 14:(r + 1) * 14, c * 14:(c + 1) * 14] = 2.0
     with torch.no_grad():
-        features = model.transformer.visual(pixels)
-    cos = torch.nn.functional.cosine_similarity(features[0].flatten(), features[1].flatten(), dim=0)
-    assert cos < 0.9
-    spread = (features[0] - features[0].mean(0)).norm() / features[0].norm()
-    assert spread > 0.3
+        features = visual(pixels)
+    for k, (r, c) in enumerate(cells, 1):
+        moved = (features[k] - features[0]).norm(dim=-1)
+        assert moved.argmax() == r * 16 + c
+        assert moved[r * 16 + c] > 3 * moved.topk(2).values[1]
+
+
+def test_cell_labels_follow_the_drawn_pixels(tmp_path):
+    """Stage 0's labels: every cell whose centre lies on a drawn shape is labelled with that shape's colour,
+    shape and box digits; cells whose centre pixel is background are labelled as nothing."""
+    from PIL import Image
+
+    from qwenvl.data import synth
+
+    synth.generate(tmp_path, 12, seed=5, split="train", image_size=224, langs=("en",), progress=False,
+                   tasks=("caption",))
+    colours, shapes = ["none", *synth.COLOURS], ["none", *synth.SHAPES]
+    checked = 0
+    for record in json.loads((tmp_path / "train.json").read_text()):
+        image = record["meta"]["images"][0]
+        pixels = np.asarray(Image.open(tmp_path / image["file"]).convert("RGB"))
+        labels = demo.cell_labels(image)
+        assert labels.shape == (256, len(demo.CELL_HEADS))
+        assert (labels[:, 3] == len(image["things"])).all()
+        for cell in range(256):
+            x, y = (cell % 16) * 14 + 7, (cell // 16) * 14 + 7
+            rgb = tuple(int(v) for v in pixels[y, x])
+            colour = labels[cell, 0]
+            if colour:
+                thing = next(t for t in image["things"]  # (colour, shape) names one thing in a picture
+                             if (t["colour"], t["shape"]) == (colours[colour], shapes[labels[cell, 1]]))
+                assert labels[cell, 4:].tolist() == [int(d) for v in thing["box"] for d in f"{v:03d}"]
+                x0, y0, x1, y1 = thing["pixel_box"]
+                assert x0 <= x < x1 and y0 <= y < y1
+            if rgb in [tuple(v) for v in synth.COLOURS.values()]:  # a shape's pixel (backgrounds never match)
+                assert colours[colour] in synth.COLOURS and synth.COLOURS[colours[colour]] == rgb
+                checked += 1
+    assert checked > 20
+
+
+def test_pretrain_vision_fits_a_few_pictures(tmp_path):
+    from qwenvl.data import synth
+
+    synth.generate(tmp_path, 4, seed=2, split="train", image_size=224, langs=("en",), progress=False,
+                   tasks=("caption",))
+    pictures = [(str(tmp_path / r["meta"]["images"][0]["file"]), r["meta"]["images"][0])
+                for r in json.loads((tmp_path / "train.json").read_text())]
+    model = demo.init_model(demo.demo_config(), set(range(300)), seed=0)
+    frozen = model.transformer.visual.attn_pool.pos_embed.clone()
+    log = demo.pretrain_vision(model.transformer.visual, pictures, steps=60, batch_size=4, lr=2e-3, log_every=1)
+    assert [r["step"] for r in log] == list(range(1, 61))
+    first, last = (sum(r["loss"] for r in part) / 5 for part in (log[:5], log[-5:]))
+    assert last < 0.75 * first, log
+    assert torch.equal(model.transformer.visual.attn_pool.pos_embed, frozen)  # the sin-cos table stays fixed
 
 
 @needs_model

@@ -187,6 +187,7 @@ def draw_picture(rng: random.Random, size: int, word_fonts: dict[str, str], coun
         used.add((shape, colour))
         picture.things.append(Thing(shape, colour, size_class, *_position(pixel_box, size, size), pixel_box,
                                     to_thousandths(pixel_box, size, size)))
+    picture.things.sort(key=lambda t: t.pixel_box[:2])  # left to right: captions list them in reading order
     if word is None:
         word = rng.random() < 0.35
     if word and word_fonts:
