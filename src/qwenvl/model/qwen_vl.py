@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,40 @@ from .language import Block, KVCache, Linear, RMSNorm, Rotary, Step, logn_scale,
 from .vision import VisionTower
 
 IMAGE_FEATURE_BATCH = 8  # images through the ViT at once
+
+
+@dataclass
+class SharedRows:
+    """lm_head rows known to be equal (ids a training set never has, tied at initialization and kept so):
+    `rows` are the ids whose rows can differ, the last of them standing for `count` ids that share its row.
+
+    The training loss then scores len(rows) columns instead of the whole vocabulary, exactly: the shared row's
+    logit enters the softmax with weight `count` (+ log count), and its gradient is that of one of the rows,
+    which is what each of them would get. `lookup` maps an id to its column (-1: one of the shared)."""
+    rows: torch.Tensor
+    count: int
+    lookup: torch.Tensor
+
+    @classmethod
+    def from_shared(cls, shared: torch.Tensor, vocab_size: int) -> "SharedRows":
+        """From the ids that share one row (the first of them kept as its column)."""
+        keep = torch.ones(vocab_size, dtype=torch.bool)
+        keep[shared] = False
+        rows = torch.cat([keep.nonzero().flatten(), shared[:1]])
+        lookup = torch.full((vocab_size,), -1, dtype=torch.long)
+        lookup[rows] = torch.arange(len(rows))
+        return cls(rows, len(shared), lookup)
+
+    def loss(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+        columns = self.lookup.to(targets.device)[targets]
+        if bool((columns < 0).any()) or bool((columns == len(self.rows) - 1).any()):
+            raise ValueError("a target id is one of the shared lm_head rows; the shared set does not fit the data")
+        rows = self.rows.to(weight.device)
+        shared = weight[rows[-1:]]
+        shared = shared.detach() + (shared - shared.detach()) / self.count  # same value, 1/count of the gradient
+        logits = F.linear(hidden, torch.cat([weight[rows[:-1]], shared])).float()
+        logits = torch.cat([logits[:, :-1], logits[:, -1:] + math.log(self.count)], dim=1)
+        return F.cross_entropy(logits, columns, reduction=reduction)
 
 
 @dataclass
@@ -193,12 +228,13 @@ class QWenLMHeadModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 images: list | None = None, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                reduction: str = "mean", **ignored) -> CausalLMOutput:
+                reduction: str = "mean", shared_rows: SharedRows | None = None, **ignored) -> CausalLMOutput:
         """Every position at once (no cache), for scoring and training; any padding side.
 
         `segment_ids` (0 = padding, 1, 2, ... per sample) with `position_ids` restarting per sample isolate
         samples packed into one row. With `labels` (unshifted, -100 = ignored), only the supervised positions
-        go through lm_head: the result has the loss (`reduction` "mean" or "sum") and no logits.
+        go through lm_head: the result has the loss (`reduction` "mean" or "sum") and no logits; `shared_rows`
+        computes the same loss without the lm_head rows it knows are equal (see SharedRows).
         """
         input_ids = input_ids.to(self.device)
         step = self.full_step(input_ids, attention_mask, position_ids, segment_ids)
@@ -213,6 +249,9 @@ class QWenLMHeadModel(nn.Module):
         count = int(supervised.sum())
         if count == 0:  # keeps the graph (and the gradient, zero) when a batch has nothing to learn
             return CausalLMOutput(logits=None, loss=hidden.sum() * 0.0, num_tokens=0)
+        if shared_rows is not None:
+            loss = shared_rows.loss(hidden[:, :-1][supervised], self.lm_head.weight, targets[supervised], reduction)
+            return CausalLMOutput(logits=None, loss=loss, num_tokens=count)
         logits = self.lm_head(hidden[:, :-1][supervised])
         loss = F.cross_entropy(logits.float(), targets[supervised], reduction=reduction)
         return CausalLMOutput(logits=None, loss=loss, num_tokens=count)

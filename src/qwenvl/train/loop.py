@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from .. import loading
 from ..tokenizer import QWenTokenizer
+from ..model.qwen_vl import SharedRows
 from . import adapters, data
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -120,13 +121,14 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def forward_loss(model, batch: dict, precision: str, device: torch.device) -> torch.Tensor:
+def forward_loss(model, batch: dict, precision: str, device: torch.device,
+                 shared: SharedRows | None = None) -> torch.Tensor:
     dtype = PRECISIONS[precision]
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                     images=batch["pixel_values"] if batch["pixel_values"].shape[0] else None,
                     position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"),
-                    reduction="sum")
+                    reduction="sum", shared_rows=shared)
     return out.loss
 
 
@@ -260,31 +262,57 @@ def freeze_named(model, names) -> None:
         raise ValueError(f"frozen names match no parameter: {', '.join(missing)}")
 
 
-def keep_rows_tied(model, optimizer, dataset, dist_: Distributed) -> None:
-    """Ids the training data never contains whose embedding (lm_head) rows equal the first such row at the
-    start stay exactly equal to it: after every optimizer step that row is copied over them. Their gradients
-    are equal in exact arithmetic anyway (no lookups; equal logits); the copy removes the rounding drift
-    between kernels' vector and tail paths, so the rows stay bit-identical and compress to nothing."""
+def keep_rows_tied(model, optimizer, dataset, dist_: Distributed) -> SharedRows | None:
+    """Rows shared at the start stay exactly shared: embedding rows of ids the training data never feeds, and
+    lm_head rows of ids it never asks for (never a label), that equal the row of the first never-fed id. After
+    every optimizer step that row is copied over them. Their gradients are equal in exact arithmetic anyway
+    (no lookups; equal logits); the copy removes the rounding drift between kernels' vector and tail paths, so
+    the rows stay bit-identical and compress to nothing.
+
+    Returns the lm_head rows so shared, for the loss to skip (SharedRows), or None when there are none."""
     if dist_.enabled:
         raise ValueError("keep_tied_rows works in one process only")
     base = getattr(dataset, "dataset", dataset)
-    unseen = torch.ones(model.config.vocab_size, dtype=torch.bool)
+    never_fed = torch.ones(model.config.vocab_size, dtype=torch.bool)
+    never_asked = torch.ones(model.config.vocab_size, dtype=torch.bool)
     for sample in base.samples:
-        unseen[torch.from_numpy(sample.input_ids.astype(np.int64))] = False
-    tied = []
-    for table in (model.transformer.wte.weight, model.lm_head.weight):
-        ids = unseen.nonzero().flatten()
-        if len(ids) and table.requires_grad:
-            first = table.detach()[ids[0]]
-            same = (table.detach()[ids] == first).all(dim=1)
-            tied.append((table, ids[0], ids[same][1:]))
+        never_fed[torch.from_numpy(sample.input_ids.astype(np.int64))] = False
+        never_asked[torch.from_numpy(sample.labels[sample.labels >= 0].astype(np.int64))] = False
+    if not never_fed.any():
+        return None
+    source = int(never_fed.nonzero()[0, 0])
+    tied, shared = [], None
+    for table, free in ((model.transformer.wte.weight, never_fed), (model.lm_head.weight, never_asked)):
+        ids = free.nonzero().flatten()
+        ids = ids[(table.detach()[ids] == table.detach()[source]).all(dim=1)]
+        ids = torch.cat([torch.tensor([source]), ids[ids != source]])
+        if len(ids) < 2:
+            continue
+        if table.requires_grad:
+            tied.append((table, source, ids[1:]))
+        if table is model.lm_head.weight:
+            shared = SharedRows.from_shared(ids, model.config.vocab_size)
 
     def copy_rows(*_):
         with torch.no_grad():
-            for table, source, targets in tied:
-                table[targets] = table[source].clone()
+            for table, source_id, targets in tied:
+                table[targets] = table[source_id].clone()
 
     optimizer.register_step_post_hook(copy_rows)
+    return shared
+
+
+def clip_gradients(trainable, max_norm: float, model, shared: SharedRows | None) -> torch.Tensor:
+    """clip_grad_norm_, counting the shared lm_head row once for every id that shares it (as the full
+    vocabulary's gradient would)."""
+    grads = [p.grad for p in trainable if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    weight = model.lm_head.weight
+    if shared is not None and weight.grad is not None:
+        row = weight.grad[shared.rows[-1]].float()
+        norm = (norm.float() ** 2 + (shared.count - 1) * row.pow(2).sum()).sqrt()
+    torch.nn.utils.clip_grads_with_norm_(trainable, max_norm, norm)
+    return norm
 
 
 def train(args: TrainArgs) -> dict:
@@ -319,8 +347,7 @@ def train(args: TrainArgs) -> dict:
         shard_model(model, dist_)
 
     trainable, optimizer = build_optimizer(model, args)
-    if args.keep_tied_rows:
-        keep_rows_tied(model, optimizer, dataset, dist_)
+    shared = keep_rows_tied(model, optimizer, dataset, dist_) if args.keep_tied_rows else None
     scaler = torch.amp.GradScaler(dist_.device.type) if args.precision == "fp16" else None
 
     global_batch = args.batch_size * args.grad_accum * dist_.world
@@ -356,13 +383,13 @@ def train(args: TrainArgs) -> dict:
             group["lr"] = lr
         loss_sum = 0.0
         for batch in micro:
-            loss = forward_loss(model, to_device(batch, dist_.device), args.precision, dist_.device)
+            loss = forward_loss(model, to_device(batch, dist_.device), args.precision, dist_.device, shared)
             loss_sum += float(loss.detach())
             scaled = loss * (dist_.world / max(1.0, tokens))  # FSDP averages gradients over ranks
             (scaler.scale(scaled) if scaler else scaled).backward()
         if scaler:
             scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm) if args.max_grad_norm else None
+        grad_norm = clip_gradients(trainable, args.max_grad_norm, model, shared) if args.max_grad_norm else None
         if scaler:
             scaler.step(optimizer)
             scaler.update()
