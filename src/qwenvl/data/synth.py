@@ -193,7 +193,7 @@ def draw_picture(rng: random.Random, size: int, word_fonts: dict[str, str], coun
     if word and word_fonts:
         lang = rng.choice(sorted(word_fonts))
         text = rng.choice(WORDS_ZH if lang == "zh" else WORDS_EN)
-        font = ImageFont.truetype(word_fonts[lang], rng.randint(round(size * 0.07), round(size * 0.1)))
+        font = ImageFont.truetype(word_fonts[lang], rng.randint(round(size * 0.1), round(size * 0.14)))
         left, top, right, bottom = ImageDraw.Draw(image).textbbox((0, 0), text, font=font)
         spot = _free_spot(rng, right - left, bottom - top, size, taken)
         if spot is not None:
