@@ -227,7 +227,7 @@ def pretrain_vision(visual, pictures: list[tuple[str, dict]], steps: int = VISIO
                 y = labels[..., k]
                 hit = (logits[k][..., 1:].argmax(-1) + 1 == y) & (y > 0)
                 record[name] = round(float(hit.sum() / (y > 0).sum().clamp(min=1)), 3)
-            record["box_error"] = round(float(box_error.mean()) * 1000, 1) if covered.any() else None
+            record["box_error"] = round(float(box_error.detach().mean()) * 1000, 1) if covered.any() else None
             log.append(record)
             print("stage 0 " + "  ".join(f"{k} {v}" for k, v in record.items()), file=sys.stderr, flush=True)
     visual.eval()

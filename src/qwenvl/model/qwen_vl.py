@@ -21,6 +21,11 @@ from .vision import VisionTower
 IMAGE_FEATURE_BATCH = 8  # images through the ViT at once
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Softmax precision: half-precision logits go to float32, float64 ones stay."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 @dataclass
 class SharedRows:
     """lm_head rows known to be equal (ids a training set never has, tied at initialization and kept so):
@@ -50,7 +55,7 @@ class SharedRows:
         rows = self.rows.to(weight.device)
         shared = weight[rows[-1:]]
         shared = shared.detach() + (shared - shared.detach()) / self.count  # same value, 1/count of the gradient
-        logits = F.linear(hidden, torch.cat([weight[rows[:-1]], shared])).float()
+        logits = _at_least_float32(F.linear(hidden, torch.cat([weight[rows[:-1]], shared])))
         logits = torch.cat([logits[:, :-1], logits[:, -1:] + math.log(self.count)], dim=1)
         return F.cross_entropy(logits, columns, reduction=reduction)
 
@@ -253,7 +258,7 @@ class QWenLMHeadModel(nn.Module):
             loss = shared_rows.loss(hidden[:, :-1][supervised], self.lm_head.weight, targets[supervised], reduction)
             return CausalLMOutput(logits=None, loss=loss, num_tokens=count)
         logits = self.lm_head(hidden[:, :-1][supervised])
-        loss = F.cross_entropy(logits.float(), targets[supervised], reduction=reduction)
+        loss = F.cross_entropy(_at_least_float32(logits), targets[supervised], reduction=reduction)
         return CausalLMOutput(logits=None, loss=loss, num_tokens=count)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, images: list | None,

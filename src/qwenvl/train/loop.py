@@ -309,8 +309,9 @@ def clip_gradients(trainable, max_norm: float, model, shared: SharedRows | None)
     norm = torch.nn.utils.get_total_norm(grads)
     weight = model.lm_head.weight
     if shared is not None and weight.grad is not None:
-        row = weight.grad[shared.rows[-1]].float()
-        norm = (norm.float() ** 2 + (shared.count - 1) * row.pow(2).sum()).sqrt()
+        dtype = torch.promote_types(norm.dtype, torch.float32)
+        row = weight.grad[shared.rows[-1]].to(dtype)
+        norm = (norm.to(dtype) ** 2 + (shared.count - 1) * row.pow(2).sum()).sqrt()
     torch.nn.utils.clip_grads_with_norm_(trainable, max_norm, norm)
     return norm
 
