@@ -53,7 +53,7 @@ def stop_words(tokenizer) -> list[list[int]]:
     return [[tokenizer.im_end_id], [tokenizer.im_start_id]]
 
 
-def _response_ids(ids: list[int], tokenizer, drop_last_if_cut: bool = False) -> list[int]:
+def reply_ids(ids: list[int], tokenizer, drop_last_if_cut: bool = False) -> list[int]:
     """New ids up to (not including) the first end-of-turn or end-of-text id.
 
     With drop_last_if_cut, an answer cut off by max_new_tokens also loses its last token: the original's
@@ -88,7 +88,7 @@ def chat(model, tokenizer, query, history=None, system: str = DEFAULT_SYSTEM, ap
     query, input_ids, params, chat_format = _prepare(model, tokenizer, query, history, system, kwargs)
     new = [int(t) for t in iter_tokens(model, input_ids, params=params)]
     cut = chat_format == "chatml"  # only the original's ChatML decoder has the quirk
-    response = tokenizer.decode(_response_ids(new, tokenizer, drop_last_if_cut=cut), errors="replace").strip()
+    response = tokenizer.decode(reply_ids(new, tokenizer, drop_last_if_cut=cut), errors="replace").strip()
     if append_history:
         history.append((query, response))
     return response, history
@@ -102,10 +102,10 @@ def chat_stream(model, tokenizer, query, history=None, system: str = DEFAULT_SYS
     shown = ""
     for token in iter_tokens(model, input_ids, params=params):
         new.append(int(token))
-        text = tokenizer.decode(_response_ids(new, tokenizer), errors="replace").strip()
+        text = tokenizer.decode(reply_ids(new, tokenizer), errors="replace").strip()
         if text != shown and not text.endswith("\ufffd"):  # U+FFFD at the end: a character still incomplete
             shown = text
             yield text
-    final = tokenizer.decode(_response_ids(new, tokenizer), errors="replace").strip()
+    final = tokenizer.decode(reply_ids(new, tokenizer), errors="replace").strip()
     if final != shown:
         yield final

@@ -134,14 +134,14 @@ def predict_generate(model, tokenizer, task: T.Task, batch: list[T.Item]) -> lis
 
 
 def predict_chat(model, tokenizer, task: T.Task, batch: list[T.Item]) -> list[str]:
-    from ..chat import DEFAULT_SYSTEM, _response_ids, make_context, stop_words
+    from ..chat import DEFAULT_SYSTEM, make_context, reply_ids, stop_words
 
     rows = [make_context(tokenizer, it.prompt, system=DEFAULT_SYSTEM)[1] for it in batch]
     ids, mask = left_pad(rows, tokenizer.eod_id)
     out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=task.max_new_tokens,
                          stop_words_ids=stop_words(tokenizer), eos_token_id=tokenizer.eod_id,
                          pad_token_id=tokenizer.eod_id)
-    return [tokenizer.decode(_response_ids(row[ids.shape[1]:].tolist(), tokenizer), skip_special_tokens=True).strip()
+    return [tokenizer.decode(reply_ids(row[ids.shape[1]:].tolist(), tokenizer), skip_special_tokens=True).strip()
             for row in out]
 
 
