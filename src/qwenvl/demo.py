@@ -361,10 +361,10 @@ def judge(record: dict, lang: str, reply: str, answer: dict) -> bool:
 
 
 def quality(model_path: str, work: str, n: int = 400, seed: int = 1234, batch_size: int = 8,
-            progress: bool = True) -> dict:
-    """Accuracy per task and language on `n` held-out synthetic records (a seed the build never uses)."""
-    from .eval.runner import predict_chat
-    from .eval.tasks import Item, Task
+            progress: bool = True, replies_path: str | None = None) -> dict:
+    """Accuracy per task and language on `n` held-out synthetic records (a seed the build never uses);
+    `replies_path` also gets every question, reply, expected answer and verdict (JSONL)."""
+    from .eval.runner import chat_replies
     from .loading import from_pretrained
     from .tokenizer import QWenTokenizer
 
@@ -381,20 +381,30 @@ def quality(model_path: str, work: str, n: int = 400, seed: int = 1234, batch_si
             image["file"] = f"{folder}/{image['file']}"
     model = from_pretrained(model_path, device_map="cpu")
     tokenizer = QWenTokenizer.from_pretrained(model_path)
-    task = Task("quality", "chat", "chat", "mme", max_new_tokens=160, min_new_tokens=0)
     items = quality_items(records)
     counts: dict = {}
+    seen = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        replies = predict_chat(model, tokenizer, task, [Item(str(i), q) for i, (_, _, q, _) in enumerate(chunk)])
-        for (record, lang, _, answer), reply in zip(chunk, replies):
+        # special tokens kept: the replies as `qwenvl chat` shows them, <ref>/<box> tags and all
+        replies = chat_replies(model, tokenizer, [q for _, _, q, _ in chunk], max_new_tokens=160,
+                               skip_special_tokens=False)
+        for (record, lang, query, answer), reply in zip(chunk, replies):
             key = (answer["task"], lang)
             right, total = counts.get(key, (0, 0))
-            counts[key] = (right + judge(record, lang, reply, answer), total + 1)
+            verdict = judge(record, lang, reply, answer)
+            counts[key] = (right + verdict, total + 1)
+            seen.append({"id": record["id"], "task": answer["task"], "lang": lang, "query": query, "reply": reply,
+                         "expected": answer["answer"], "right": verdict})
         if progress:
             print(f"\r{min(start + batch_size, len(items))}/{len(items)} questions", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
+    if replies_path:
+        tmp = f"{replies_path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in seen)
+        os.replace(tmp, replies_path)
     return {f"{t}/{lang}": {"right": r, "total": n_} for (t, lang), (r, n_) in sorted(counts.items())}
 
 
@@ -431,6 +441,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--seed", type=int, default=1234, help="held-out seed (the build trains on seed 0)")
     q.add_argument("--batch-size", type=int, default=8)
     q.add_argument("--json", help="also write the counts to this JSON file")
+    q.add_argument("--replies", help="also write every question, reply, expected answer and verdict (JSONL)")
 
 
 def run(args) -> int:
@@ -440,7 +451,7 @@ def run(args) -> int:
         print(json.dumps({"out": args.out, "seconds": {k: round(v) for k, v in timings.items()}}))
         return 0
     if args.demo_command == "quality":
-        results = quality(args.model, args.work, args.n, args.seed, args.batch_size)
+        results = quality(args.model, args.work, args.n, args.seed, args.batch_size, replies_path=args.replies)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
         print(quality_table(results))

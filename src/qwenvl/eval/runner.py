@@ -134,15 +134,22 @@ def predict_generate(model, tokenizer, task: T.Task, batch: list[T.Item]) -> lis
 
 
 def predict_chat(model, tokenizer, task: T.Task, batch: list[T.Item]) -> list[str]:
+    return chat_replies(model, tokenizer, [it.prompt for it in batch], task.max_new_tokens)
+
+
+def chat_replies(model, tokenizer, queries: list[str], max_new_tokens: int, skip_special_tokens: bool = True) -> list[str]:
+    """Greedy single-turn chat replies to `queries` in one left-padded batch (the default system prompt), each
+    what `model.chat` gives alone; the benchmarks drop special tokens (as the original's scripts do), keeping
+    them keeps the <ref>/<box> tags."""
     from ..chat import DEFAULT_SYSTEM, make_context, reply_ids, stop_words
 
-    rows = [make_context(tokenizer, it.prompt, system=DEFAULT_SYSTEM)[1] for it in batch]
+    rows = [make_context(tokenizer, query, system=DEFAULT_SYSTEM)[1] for query in queries]
     ids, mask = left_pad(rows, tokenizer.eod_id)
-    out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=task.max_new_tokens,
+    out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
                          stop_words_ids=stop_words(tokenizer), eos_token_id=tokenizer.eod_id,
                          pad_token_id=tokenizer.eod_id)
-    return [tokenizer.decode(reply_ids(row[ids.shape[1]:].tolist(), tokenizer), skip_special_tokens=True).strip()
-            for row in out]
+    return [tokenizer.decode(reply_ids(row[ids.shape[1]:].tolist(), tokenizer), skip_special_tokens=skip_special_tokens,
+                             errors="replace").strip() for row in out]
 
 
 def predict_choice(model, tokenizer, task: T.Task, batch: list[T.Item]) -> list[dict]:
