@@ -114,6 +114,32 @@ def test_answers_are_exact(generated):
     assert {"count", "grounding", "ocr", "grounded_caption"} <= seen
 
 
+def test_multi_turn_answers_are_not_given_away_by_earlier_turns(tmp_path):
+    path = synth.generate(tmp_path, 30, seed=5, image_size=SIZE, langs=("en", "zh"), tasks=("multi",))
+    records = json.loads(path.read_text(encoding="utf-8"))
+    turns = 0
+    for record in records:
+        answers, conv = record["meta"]["answers"], record["conversations"]
+        things = record["meta"]["images"][0]["things"]
+        captions = [k for k, a in enumerate(answers) if a["task"] in ("caption", "grounded_caption")]
+        assert captions in ([], [len(answers) - 1])  # a caption names everything: only last
+        asked = [a["thing"] for a in answers if "thing" in a]
+        assert len(asked) == len(set(asked))  # each shape once
+        for task in ("count", "ocr"):
+            assert sum(a["task"] == task for a in answers) <= 1
+        for k, answer in enumerate(answers[: captions[0] if captions else None]):
+            earlier = "".join(t["value"] for t in conv[: 2 * k])
+            thing = things[answer["thing"]] if "thing" in answer else None
+            if thing:  # neither its box nor its full name is anywhere before
+                zh = record["meta"]["lang"] == "zh"
+                name = f"{synth.COLOURS_ZH[thing['colour']]}的{synth.SHAPES_ZH[thing['shape']]}" if zh else \
+                    f"{thing['colour']} {thing['shape']}"
+                assert synth._box_text(thing["box"]) not in earlier and name not in earlier, (record["id"], answer)
+            turns += 1
+    assert turns > 60 and {a["task"] for r in records for a in r["meta"]["answers"]} >= {
+        "count", "colour", "shape", "position", "grounding", "referring"}
+
+
 def test_phrases_and_positions():
     thing = synth.Thing("circle", "orange", "small", "left", "top", (0, 0, 10, 10), (0, 0, 62, 62))
     assert synth.phrase(thing, "en") == "the orange circle"

@@ -262,26 +262,36 @@ def _unique(things: list[Thing], key: str) -> list[Thing]:
     return [t for t in things if values.count(getattr(t, key)) == 1]
 
 
-def question(rng: random.Random, picture: Picture, lang: str) -> tuple[str, str, dict]:
-    """One short-answer question: (question, exact answer, meta) about colour, shape, count or position."""
+def question_kinds(picture: Picture, about: list[Thing] | None = None) -> list[str]:
+    """The short-answer questions that can be asked about one of `about` (default: every thing)."""
+    about = picture.things if about is None else about
+    return ["count"] + ["colour"] * any(t in about for t in _unique(picture.things, "shape")) + \
+        ["shape"] * any(t in about for t in _unique(picture.things, "colour")) + ["position"] * bool(about)
+
+
+def question(rng: random.Random, picture: Picture, lang: str, kind: str | None = None,
+             about: list[Thing] | None = None) -> tuple[str, str, dict]:
+    """One short-answer question: (question, exact answer, meta) about colour, shape, count or position, of a
+    random kind (or `kind`) and about one of `about` (default: any thing); meta["thing"] is its index."""
     zh = lang == "zh"
-    kinds = ["count"] + ["colour"] * bool(_unique(picture.things, "shape")) + \
-        ["shape"] * bool(_unique(picture.things, "colour")) + ["position"] * bool(picture.things)
-    kind = rng.choice(kinds)
+    about = picture.things if about is None else about
+    kind = kind or rng.choice(question_kinds(picture, about))
     if kind == "count":
         n = str(len(picture.things))
         return ("图中有几个图形？" if zh else "How many shapes are there in the image?"), n, {"task": "count"}
     if kind == "colour":
-        thing = rng.choice(_unique(picture.things, "shape"))
+        thing = rng.choice([t for t in _unique(picture.things, "shape") if t in about])
+        info = {"task": "colour", "thing": picture.things.index(thing)}
         if zh:
-            return f"图中的{SHAPES_ZH[thing.shape]}是什么颜色？", COLOURS_ZH[thing.colour], {"task": "colour"}
-        return f"What color is the {thing.shape}?", thing.colour, {"task": "colour"}
+            return f"图中的{SHAPES_ZH[thing.shape]}是什么颜色？", COLOURS_ZH[thing.colour], info
+        return f"What color is the {thing.shape}?", thing.colour, info
     if kind == "shape":
-        thing = rng.choice(_unique(picture.things, "colour"))
+        thing = rng.choice([t for t in _unique(picture.things, "colour") if t in about])
+        info = {"task": "shape", "thing": picture.things.index(thing)}
         if zh:
-            return f"{COLOURS_ZH[thing.colour]}的图形是什么形状？", SHAPES_ZH[thing.shape], {"task": "shape"}
-        return f"What shape is the {thing.colour} object?", thing.shape, {"task": "shape"}
-    thing = rng.choice(picture.things)
+            return f"{COLOURS_ZH[thing.colour]}的图形是什么形状？", SHAPES_ZH[thing.shape], info
+        return f"What shape is the {thing.colour} object?", thing.shape, info
+    thing = rng.choice(about)
     ref = phrase(thing, lang)
     if rng.random() < 0.5:
         answer = HORIZONTAL_ZH[thing.horizontal] if zh else thing.horizontal
@@ -289,7 +299,7 @@ def question(rng: random.Random, picture: Picture, lang: str) -> tuple[str, str,
     else:
         answer = VERTICAL_ZH[thing.vertical] if zh else thing.vertical
         q = f"{ref}在图的上方、中间还是下方？" if zh else f"Is {ref} at the top, in the middle, or at the bottom?"
-    return q, answer, {"task": "position"}
+    return q, answer, {"task": "position", "thing": picture.things.index(thing)}
 
 
 def grounding(thing: Thing, lang: str) -> tuple[str, str, dict]:
@@ -320,19 +330,45 @@ def turns_for(rng: random.Random, task: str, picture: Picture, lang: str) -> lis
         build = grounding if task == "grounding" else referring
         chosen = rng.sample(picture.things, min(len(picture.things), rng.randint(1, 2)))
         return [build(thing, lang) for thing in chosen]
-    if task == "multi":  # several tasks about one picture, one conversation
-        kinds = ["caption", "grounded_caption", "vqa", "vqa"] + ["grounding", "referring"] * bool(picture.things) + \
-            ["ocr"] * (picture.word is not None)
-        turns = {}
-        for kind in rng.sample(kinds, min(len(kinds), rng.randint(3, 5))):
-            for q, answer, info in turns_for(rng, kind, picture, lang):
-                turns.setdefault(q, (q, answer, info))
-        return list(turns.values())
+    if task == "multi":
+        return multi_turns(rng, picture, lang)
     turns = {}
     for _ in range(rng.randint(1, 3)):
         q, answer, info = question(rng, picture, lang)
         turns.setdefault(q, (q, answer, info))  # no question twice
     return list(turns.values())
+
+
+def multi_turns(rng: random.Random, picture: Picture, lang: str) -> list[tuple[str, str, dict]]:
+    """Several questions about one picture in one conversation, none answerable from the earlier turns: each
+    shape is asked about once (a question or answer naming a shape or its box gives that shape away), the count
+    and the word at most once each, and a caption (which gives everything away) only as the last turn."""
+    fresh, turns = list(picture.things), []
+    kinds = ["count"] + ["ocr"] * (picture.word is not None)
+    for _ in range(rng.randint(2, 6)):
+        kinds_now = kinds + ["thing"] * bool(fresh)
+        if not kinds_now:
+            break
+        kind = rng.choice(kinds_now)
+        if kind == "thing":
+            task = rng.choice(["grounding", "referring"] + [k for k in question_kinds(picture, fresh) if k != "count"])
+            thing = rng.choice([t for t in fresh if task in ("grounding", "referring", "position")
+                                or t in _unique(picture.things, "shape" if task == "colour" else "colour")])
+            if task in ("grounding", "referring"):
+                q, answer, info = (grounding if task == "grounding" else referring)(thing, lang)
+                info = {**info, "thing": picture.things.index(thing)}
+            else:
+                q, answer, info = question(rng, picture, lang, task, [thing])
+            fresh.remove(thing)
+        elif kind == "count":
+            q, answer, info = question(rng, picture, lang, "count")
+        else:
+            [(q, answer, info)] = turns_for(rng, "ocr", picture, lang)
+        kinds = [k for k in kinds if k != kind]
+        turns.append((q, answer, info))
+    if rng.random() < 0.4:
+        turns += turns_for(rng, rng.choice(["caption", "grounded_caption"]), picture, lang)
+    return turns
 
 
 def compare_turns(rng: random.Random, first: Picture, second: Picture, lang: str) -> list[tuple[str, str, dict]]:
