@@ -268,7 +268,8 @@ def test_config_with_another_hidden_size(tmp_path, golden_fp32_state):
     config["hidden_size"] = 256
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"model\.safetensors: \S+ has shape \(\d+, \d+\), config\.json "
-                                              r"implies \(\d+, 256\)|model\.safetensors: \S+ has shape"):
+                                              r"implies \(\d+, 256\)|model\.safetensors: \S+ has shape"
+                                              r"|config\.json: visual\.output_dim 128 must equal hidden_size 256"):
         qwenvl.AutoModelForCausalLM.from_pretrained(folder)
 
 

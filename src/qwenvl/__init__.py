@@ -2,7 +2,9 @@
 from .boxes import parse_boxes, to_pixels
 from .chat import make_context
 from .config import GenerationConfig, QWenConfig
-from .loading import CheckpointError, from_pretrained, save_pretrained
+from .errors import CheckpointError, DataError, ImageError, OptionsError, QwenVLError, RequestError
+from .images import ImageLimits, set_limits as set_image_limits
+from .loading import from_pretrained, save_pretrained
 from .model import QWenLMHeadModel
 from .tokenizer import QWenTokenizer
 
@@ -22,7 +24,7 @@ class AutoTokenizer:
 
 
 __all__ = [
-    "AutoModelForCausalLM", "AutoTokenizer", "CheckpointError", "GenerationConfig", "QWenConfig",
-    "QWenLMHeadModel", "QWenTokenizer", "from_pretrained", "make_context", "parse_boxes", "save_pretrained",
-    "to_pixels",
+    "AutoModelForCausalLM", "AutoTokenizer", "CheckpointError", "DataError", "GenerationConfig", "ImageError",
+    "ImageLimits", "OptionsError", "QWenConfig", "QWenLMHeadModel", "QWenTokenizer", "QwenVLError", "RequestError",
+    "from_pretrained", "make_context", "parse_boxes", "save_pretrained", "set_image_limits", "to_pixels",
 ]

@@ -12,6 +12,7 @@ import time
 import torch
 
 from .config import QWenConfig, VisualConfig
+from .errors import OptionsError
 from .model.language import pack_for_cpu
 
 RANDOM_CONFIGS = {
@@ -28,7 +29,7 @@ RANDOM_CONFIGS = {
 
 def random_config(name: str) -> QWenConfig:
     if name not in RANDOM_CONFIGS:
-        raise ValueError(f"unknown random config {name!r}; choose from {', '.join(RANDOM_CONFIGS)}")
+        raise OptionsError(f"unknown random config {name!r}; choose from {', '.join(RANDOM_CONFIGS)}")
     spec = dict(RANDOM_CONFIGS[name])
     visual = VisualConfig(**spec.pop("visual", {}))
     return QWenConfig(**spec, visual=visual)
@@ -55,7 +56,7 @@ def random_model(config: QWenConfig, dtype: torch.dtype, device: torch.device, s
     weights = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
     free = available_memory(device)
     if free is not None and weights * 1.3 + (1 << 30) > free:  # weights, packing, allocator slack, activations (measured)
-        raise MemoryError(f"this config's weights take {weights / 1e9:.1f} GB in {str(dtype).replace('torch.', '')} "
+        raise OptionsError(f"this config's weights take {weights / 1e9:.1f} GB in {str(dtype).replace('torch.', '')} "
                           f"and {device} has {free / 1e9:.1f} GB available: use a smaller config or a bigger device")
     generator = torch.Generator().manual_seed(seed)
     state = {}
@@ -105,6 +106,9 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5
 
 def run(model, prompt_tokens: int = 64, decode_tokens: int = 32, repeats: int = 5, report=print) -> dict:
     """Measure and print; returns the numbers."""
+    for name, value in (("prompt_tokens", prompt_tokens), ("decode_tokens", decode_tokens), ("repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise OptionsError(f"{name} must be a positive integer, got {value!r}")
     device, config = model.device, model.config
     size = config.visual.image_size
     pixels = torch.rand(1, 3, size, size, device=device)

@@ -12,6 +12,7 @@ import subprocess
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .errors import RequestError
 from .images import short_label
 
 # Closed tag pairs that split a text into elements, keyed by the element name.
@@ -48,26 +49,38 @@ def split_tags(text: str, strict: bool = True) -> list[dict]:
     """Split text into `{'text'|'image'|'ref'|'box'|'quad': str}` elements, one per closed tag pair.
 
     Each opening tag is paired with the next closing tag of its kind (the original's rule). An opening
-    tag that is never closed raises ValueError if `strict`, else it and the rest stay text.
+    tag that is never closed raises RequestError if `strict`, else it stays text and the scan goes on
+    after it (so `<ref>a<box>...</box>` still yields its box).
+
+    Linear time: the next position of every tag is remembered and searched again only once the scan has
+    passed it (searching from scratch for each element made 32,000 refs take 18 s).
     """
-    elements, pos = [], 0
+    elements, pos, text_start = [], 0, 0
+    next_open = {name: text.find(open_tag) for name, (open_tag, _) in TAGS.items()}
+    next_close = dict.fromkeys(TAGS, -2)  # -2: not searched yet; -1: none left
     while True:
-        found = [(text.find(open_tag, pos), name) for name, (open_tag, _) in TAGS.items()]
-        start, name = min(((i, n) for i, n in found if i != -1), default=(-1, None))
+        for name, (open_tag, _) in TAGS.items():
+            if -1 < next_open[name] < pos:
+                next_open[name] = text.find(open_tag, pos)
+        start, name = min(((i, n) for n, i in next_open.items() if i != -1), default=(-1, None))
         if start == -1:
             break
         open_tag, close_tag = TAGS[name]
-        end = text.find(close_tag, start + len(open_tag))
+        body = start + len(open_tag)
+        if next_close[name] == -2 or -1 < next_close[name] < body:
+            next_close[name] = text.find(close_tag, body)
+        end = next_close[name]
         if end == -1:
             if strict:
-                raise ValueError(f"unclosed {open_tag} in {short_label(text[start:])!r}: close it with {close_tag}")
-            break
-        if start > pos:
-            elements.append({"text": text[pos:start]})
-        elements.append({name: text[start + len(open_tag):end]})
-        pos = end + len(close_tag)
-    if pos < len(text):
-        elements.append({"text": text[pos:]})
+                raise RequestError(f"unclosed {open_tag} in {short_label(text[start:])!r}: close it with {close_tag}")
+            pos = body
+            continue
+        if start > text_start:
+            elements.append({"text": text[text_start:start]})
+        elements.append({name: text[body:end]})
+        pos = text_start = end + len(close_tag)
+    if text_start < len(text):
+        elements.append({"text": text[text_start:]})
     return elements
 
 
@@ -118,7 +131,15 @@ def latest_image(response: str, history=None) -> str | None:
 def to_pixels(box, width: int, height: int) -> tuple[int, int, int, int]:
     """A 0-1000 box in pixel coordinates of a width x height image (the original drawing helper's /1000)."""
     x1, y1, x2, y2 = box
-    return int(x1 / 1000 * width), int(y1 / 1000 * height), int(x2 / 1000 * width), int(y2 / 1000 * height)
+    return _scale(x1, width), _scale(y1, height), _scale(x2, width), _scale(y2, height)
+
+
+def _scale(value: int, size: int) -> int:
+    try:
+        return int(value / 1000 * size)  # in float, as the original: results stay identical
+    except OverflowError:  # a coordinate of hundreds of digits: exact integers, truncated toward zero
+        scaled = abs(value) * size // 1000
+        return scaled if value >= 0 else -scaled
 
 
 def _fc_match_cjk_font() -> str | None:
@@ -184,7 +205,9 @@ def draw_boxes(image: Image.Image, boxes: list[dict]) -> Image.Image:
     colours: dict[str | None, str] = {}
     for box in boxes:
         colour = colours.setdefault(box.get("ref"), PALETTE[len(colours) % len(PALETTE)])
-        x1, y1, x2, y2 = to_pixels(box["box"], width, height)
+        # corners far outside the picture move to just past its border (Pillow takes C-sized integers only)
+        x1, y1, x2, y2 = (min(max(v, -line_width - 1), limit + line_width)
+                          for v, limit in zip(to_pixels(box["box"], width, height), (width, height) * 2))
         x1, x2 = sorted((x1, x2))  # a model may emit corners in either order; PIL needs them ordered
         y1, y2 = sorted((y1, y2))
         draw.rectangle((x1, y1, x2, y2), outline=colour, width=line_width)

@@ -5,6 +5,7 @@ from typing import Iterator
 
 import torch
 
+from .errors import OptionsError, RequestError
 from .generation import SamplingParams, iter_tokens
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -17,16 +18,16 @@ def make_context(tokenizer, query: str, history=None, system: str = "", max_wind
     if chat_format == "raw":
         return query, tokenizer.encode(query)
     if chat_format != "chatml":
-        raise ValueError(f"unknown chat_format {chat_format!r}; use 'chatml' or 'raw'")
-    history = history or []
+        raise OptionsError(f"unknown chat_format {chat_format!r}; use 'chatml' or 'raw'")
+    history = check_history(history)
     tags = set(tokenizer.IMAGE_ST)  # inside turns only the image/box tags are special
     nl = tokenizer.encode("\n")
     start, end = [tokenizer.im_start_id], [tokenizer.im_end_id]
 
     def turn(role: str, content: str) -> tuple[str, list[int]]:
         if not isinstance(content, str):
-            raise TypeError(f"a {role} turn must be text, got {type(content).__name__} "
-                            "(use tokenizer.from_list_format to build text with images)")
+            raise RequestError(f"a {role} turn must be text, got {type(content).__name__} "
+                               "(use tokenizer.from_list_format to build text with images)")
         ids = tokenizer.encode(role, allowed_special=tags) + nl + tokenizer.encode(content, allowed_special=tags)
         return f"{IM_START}{role}\n{content}{IM_END}", start + ids + end
 
@@ -49,6 +50,26 @@ def make_context(tokenizer, query: str, history=None, system: str = "", max_wind
     return raw_text, context
 
 
+def check_history(history) -> list:
+    """`history` as a list of (query, response) pairs, as `chat` returns it; a tuple becomes a list.
+
+    OpenAI-style message dicts are refused rather than read: unpacking a dict gives its keys, so they
+    would silently become the turns 'role' and 'content'."""
+    if history is None:
+        return []
+    if not isinstance(history, (list, tuple)):
+        raise RequestError(f"history must be a list of (query, response) pairs, got {type(history).__name__}")
+    for i, turn in enumerate(history):
+        if isinstance(turn, dict):
+            raise RequestError(f"history item {i} is a dict (OpenAI-style messages?); history is a list of "
+                               "(query, response) pairs: pair each user message with the assistant's reply")
+        if not isinstance(turn, (list, tuple)) or len(turn) != 2 or not isinstance(turn[0], str) \
+                or not (turn[1] is None or isinstance(turn[1], str)):
+            raise RequestError(f"history item {i} must be a (query, response) pair of strings, got "
+                               f"{str(turn)[:80]!r}")
+    return history if isinstance(history, list) else list(history)
+
+
 def stop_words(tokenizer) -> list[list[int]]:
     return [[tokenizer.im_end_id], [tokenizer.im_start_id]]
 
@@ -68,7 +89,7 @@ def reply_ids(ids: list[int], tokenizer, drop_last_if_cut: bool = False) -> list
 
 def _prepare(model, tokenizer, query, history, system, kwargs):
     if query is None or (isinstance(query, str) and not query.strip()):
-        raise ValueError("the query is empty")
+        raise RequestError("the query is empty")
     if isinstance(query, list):
         query = tokenizer.from_list_format(query)
     generation_config = kwargs.pop("generation_config", None) or model.generation_config
@@ -84,7 +105,7 @@ def _prepare(model, tokenizer, query, history, system, kwargs):
 def chat(model, tokenizer, query, history=None, system: str = DEFAULT_SYSTEM, append_history: bool = True,
          **kwargs) -> tuple[str, list]:
     """One chat turn: (response, history), the history extended with (query, response) when append_history."""
-    history = [] if history is None else history
+    history = check_history(history)
     query, input_ids, params, chat_format = _prepare(model, tokenizer, query, history, system, kwargs)
     new = [int(t) for t in iter_tokens(model, input_ids, params=params)]
     cut = chat_format == "chatml"  # only the original's ChatML decoder has the quirk
@@ -96,7 +117,7 @@ def chat(model, tokenizer, query, history=None, system: str = DEFAULT_SYSTEM, ap
 
 def chat_stream(model, tokenizer, query, history=None, system: str = DEFAULT_SYSTEM, **kwargs) -> Iterator[str]:
     """Yield the growing response text; `<ref>`/`<box>` tags are kept and no multi-byte character is split."""
-    history = [] if history is None else history
+    history = check_history(history)
     query, input_ids, params, _ = _prepare(model, tokenizer, query, history, system, kwargs)
     new: list[int] = []
     shown = ""

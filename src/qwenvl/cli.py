@@ -1,7 +1,7 @@
 """`qwenvl chat`, `qwenvl generate`, `qwenvl bench`: the command line.
 
-A user's mistake (a missing file, a bad image, an unknown option value) ends in one line on stderr
-and a non-zero exit, never a traceback.
+A user's mistake (a missing file, a bad image, an unknown option value), that is a `QwenVLError`,
+ends in one line on stderr and exit status 2; any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ import json
 import os
 import sys
 
+from . import images
 from .boxes import draw_boxes, latest_image, parse_boxes, to_pixels
-from .images import ImageError, load_image, short_label
+from .errors import OptionsError, QwenVLError
+from .images import load_image, short_label
 
-USER_ERRORS = (ValueError, TypeError, OSError, ImageError, KeyError, MemoryError)
+USER_ERRORS = (QwenVLError,)
 
 
-class UsageError(Exception):
+class UsageError(OptionsError):
     """A command-line mistake; its message is shown as is."""
 
 
@@ -37,6 +39,20 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--max-image-bytes", type=int, default=None,
+                   help="largest image file, data URI or download in bytes (default 32 MiB)")
+    p.add_argument("--max-image-pixels", type=int, default=None,
+                   help="largest image in width x height, read from its header (default 25,000,000)")
+    p.add_argument("--image-timeout", type=float, default=None,
+                   help="seconds one image download may take in all (default 30)")
+
+
+def _set_image_limits(args) -> None:
+    changes = {"max_bytes": getattr(args, "max_image_bytes", None), "max_pixels": getattr(args, "max_image_pixels", None),
+               "timeout_s": getattr(args, "image_timeout", None)}
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if changes:
+        images.set_limits(**changes)
 
 
 def _sampling_kwargs(args) -> dict:
@@ -76,8 +92,13 @@ def _draw(response: str, history, out: str) -> tuple[bool, str]:
         return False, "there is no image in the conversation to draw on"
     picture = draw_boxes(load_image(image_ref).convert("RGB"), boxes)
     tmp = out + ".tmp" + os.path.splitext(out)[1]
-    picture.save(tmp)  # then rename: a failed save never leaves a half-written file under the real name
-    os.replace(tmp, out)
+    try:
+        picture.save(tmp)  # then rename: a failed save never leaves a half-written file under the real name
+        os.replace(tmp, out)
+    except (OSError, ValueError) as e:  # a folder that is not there, an extension Pillow cannot write
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UsageError(f"cannot save the drawing to {out}: {e}") from None
     return True, f"saved {len(boxes)} box(es) on {short_label(image_ref, 60)} to {out}"
 
 
@@ -93,6 +114,7 @@ def _query(tokenizer, images: list[str], prompt: str) -> str:
 def cmd_generate(args) -> int:
     if not args.prompt.strip() and not args.image:
         raise UsageError("--prompt is empty")
+    _set_image_limits(args)
     _check_images(args.image)
     model, tokenizer = _load(args)
     query = _query(tokenizer, args.image, args.prompt)
@@ -124,6 +146,7 @@ CHAT_HELP = """Type a message and press Enter. Commands:
 
 
 def cmd_chat(args) -> int:
+    _set_image_limits(args)
     _check_images(args.image or [])
     model, tokenizer = _load(args)
     history: list = []
@@ -179,7 +202,7 @@ def cmd_chat(args) -> int:
                 print()
                 history.append((query, shown))
                 pending = []
-        except (UsageError, *USER_ERRORS) as e:
+        except USER_ERRORS as e:
             print(f"error: {e}", file=sys.stderr)
 
 
@@ -188,6 +211,11 @@ def cmd_bench(args) -> int:
 
     from . import bench
 
+    for name in ("prompt_tokens", "decode_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.threads < 0:
+        raise UsageError(f"--threads must be 0 (torch's choice) or more, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model and args.random_config:
@@ -417,9 +445,12 @@ def cmd_eval_table(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 locale: show '?' for what it cannot encode
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     try:
         return args.func(args)
-    except (UsageError, *USER_ERRORS) as e:
+    except USER_ERRORS as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"qwenvl: error: {message}", file=sys.stderr)
         return 2

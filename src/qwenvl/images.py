@@ -6,35 +6,95 @@ most 256 UTF-8 bytes is stored in the 256 positions as one id per byte (id == by
 with `<imgpad>`. A longer one (a data URI, a deep path) is stored as a marker byte 0xFF, which never
 occurs in UTF-8, followed by a digest; the digest is resolved through an in-process registry that
 the tokenizer fills when it encodes the reference.
+
+Every image is read through one loader with limits (`ImageLimits`), shared by the library, the command
+line and the model: regular files only, a byte cap on files, data URIs and downloads, one deadline per
+download, and a pixel cap read from the header before anything is decoded. The model sees 448x448, so
+the default cap (25 million pixels, a 24 MP photo) is generous; a 12000x12000 PNG of 420 KB would
+otherwise take 1.6 GB to decode.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
+import http.client
 import io
 import os
+import socket
+import stat
 import threading
-import urllib.error
+import time
 import urllib.parse
-import urllib.request
+import warnings
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from .errors import ImageError, OptionsError
 
 IMAGE_SPAN = 256  # positions between <img> and </img>
 IMAGE_PAD_ID = 151859
 LONG_REFERENCE_MARKER = 0xFF
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-URL_TIMEOUT_S = 30
+MAX_REDIRECTS = 5
 
 
-class ImageError(ValueError):
-    """An image that cannot be used; the message names it."""
+@dataclass(frozen=True)
+class ImageLimits:
+    """What reading one image may cost. The defaults come from QWENVL_MAX_IMAGE_BYTES,
+    QWENVL_MAX_IMAGE_PIXELS and QWENVL_IMAGE_TIMEOUT when set."""
+
+    max_bytes: int = 32 << 20  # file, data URI or download
+    max_pixels: int = 25_000_000  # width x height, from the header
+    timeout_s: float = 30.0  # one whole download, redirects included
+
+    def __post_init__(self):
+        for name in ("max_bytes", "max_pixels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise OptionsError(f"image limit {name} must be a positive integer, got {value!r}")
+        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) \
+                or not 0 < self.timeout_s < float("inf"):
+            raise OptionsError(f"image limit timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> "ImageLimits":
+        changes = {}
+        for field_name, variable, kind in (("max_bytes", "QWENVL_MAX_IMAGE_BYTES", int),
+                                           ("max_pixels", "QWENVL_MAX_IMAGE_PIXELS", int),
+                                           ("timeout_s", "QWENVL_IMAGE_TIMEOUT", float)):
+            if environ.get(variable):
+                try:
+                    changes[field_name] = kind(environ[variable])
+                except ValueError:
+                    raise OptionsError(f"{variable}={environ[variable]!r} is not a number") from None
+        return cls(**changes)
+
+
+_limits: ImageLimits | None = None  # read from the environment at first use, so a bad value is a clean error
+
+
+def current_limits() -> ImageLimits:
+    """The process-wide image limits."""
+    global _limits
+    if _limits is None:
+        _limits = ImageLimits.from_env()
+    return _limits
+
+
+def set_limits(**changes) -> ImageLimits:
+    """Change the process-wide image limits (e.g. `set_limits(max_pixels=50_000_000)`); returns the old ones."""
+    global _limits
+    old = current_limits()
+    _limits = dataclasses.replace(old, **changes)
+    return old
 
 
 class _ReferenceRegistry:
@@ -113,9 +173,13 @@ def to_reference(image) -> str:
         return image
     if isinstance(image, (bytes, bytearray, memoryview)):
         raw = bytes(image)
+        if len(raw) > current_limits().max_bytes:
+            raise ImageError(_too_many_bytes("the image given as bytes", len(raw), current_limits()))
         try:
-            fmt = Image.open(io.BytesIO(raw)).format or "octet-stream"
-        except (UnidentifiedImageError, OSError) as e:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                fmt = Image.open(io.BytesIO(raw)).format or "octet-stream"
+        except Exception as e:  # any decoder's failure on foreign bytes (pixels are checked when loaded)
             raise ImageError(f"the {len(raw)} bytes given as an image are not a readable picture") from e
         return f"data:image/{fmt.lower()};base64,{base64.b64encode(raw).decode('ascii')}"
     if isinstance(image, Image.Image):
@@ -126,48 +190,168 @@ def to_reference(image) -> str:
                      "(give a path, URL, data: URI, bytes or a PIL image)")
 
 
-def _read_bytes(reference: str) -> bytes:
+def _read_bytes(reference: str, limits: ImageLimits) -> bytes:
     if not reference:
         raise ImageError("empty image reference (<img></img>)")
     if reference.startswith("data:"):
         header, sep, payload = reference.partition(",")
         if not sep:
             raise ImageError(f"malformed data URI (no comma): {short_label(reference)}")
+        is_base64 = header.endswith(";base64")
+        size = len(payload) * 3 // 4 if is_base64 else len(payload)  # decoded size, at most
+        if size > limits.max_bytes:
+            raise ImageError(_too_many_bytes(f"the data URI {short_label(reference)}", size, limits))
         try:
-            if header.endswith(";base64"):
-                return base64.b64decode(payload, validate=True)
-            return urllib.parse.unquote_to_bytes(payload)
+            raw = base64.b64decode(payload, validate=True) if is_base64 else urllib.parse.unquote_to_bytes(payload)
         except (binascii.Error, ValueError) as e:
             raise ImageError(f"data URI with invalid base64: {short_label(reference)}") from e
+        if len(raw) > limits.max_bytes:
+            raise ImageError(_too_many_bytes(f"the data URI {short_label(reference)}", len(raw), limits))
+        return raw
     if reference.startswith(("http://", "https://")):
-        request = urllib.request.Request(reference, headers={"User-Agent": "qwenvl"})
-        try:
-            with urllib.request.urlopen(request, timeout=URL_TIMEOUT_S) as response:
-                return response.read()
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            raise ImageError(f"cannot download image {short_label(reference)}: {e}") from e
+        return _download(reference, limits)
+    return _read_file(reference, limits)
+
+
+def _too_many_bytes(what: str, size: int, limits: ImageLimits) -> str:
+    return (f"{what} holds {size} bytes, over the image limit of {limits.max_bytes} "
+            "(raise it with --max-image-bytes or QWENVL_MAX_IMAGE_BYTES)")
+
+
+def _read_file(reference: str, limits: ImageLimits) -> bytes:
+    """A regular file's bytes, at most `limits.max_bytes`; FIFOs, devices and folders are refused unopened."""
     path = os.path.expanduser(reference[7:] if reference.startswith("file://") else reference)
+    label = short_label(reference)
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ImageError(f"image {label} is not a regular file (a folder, pipe or device cannot be an image)")
+        # non-blocking: a FIFO swapped in after the check must not hang the open
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise ImageError(f"image file not found: {short_label(reference)}") from None
+        raise ImageError(f"image file not found: {label}") from None
     except OSError as e:
-        raise ImageError(f"cannot read image {short_label(reference)}: {e.strerror or e}") from None
+        raise ImageError(f"cannot read image {label}: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(f"image {label} is not a regular file (a folder, pipe or device cannot be an image)")
+        if info.st_size > limits.max_bytes:
+            raise ImageError(_too_many_bytes(f"image file {label}", info.st_size, limits))
+        try:
+            raw = f.read(limits.max_bytes + 1)
+        except OSError as e:
+            raise ImageError(f"cannot read image {label}: {e.strerror or e}") from None
+    if len(raw) > limits.max_bytes:  # it grew after the size check
+        raise ImageError(_too_many_bytes(f"image file {label}", len(raw), limits))
+    return raw
 
 
-def load_image(image) -> Image.Image:
-    """Open any accepted image input as a PIL image (not yet converted)."""
+def _download(url: str, limits: ImageLimits) -> bytes:
+    """GET `url` (following a few redirects): at most `limits.max_bytes`, all within `limits.timeout_s`.
+
+    The deadline covers the whole download, not each read: a timer shuts the socket when it passes, so a
+    server that trickles one byte at a time (or stalls in its headers) cannot keep us waiting.
+    """
+    label = short_label(url)
+    deadline = time.monotonic() + limits.timeout_s
+    for _ in range(MAX_REDIRECTS + 1):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ImageError(f"cannot download image {label}: {url!r} is not an http(s) URL")
+        remaining = deadline - time.monotonic()
+        connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        try:
+            connection = connection_type(parts.hostname, parts.port, timeout=max(remaining, 1e-3))
+        except (http.client.HTTPException, ValueError) as e:
+            raise ImageError(f"cannot download image {label}: {e}") from None
+        timer = threading.Timer(max(remaining, 0.0), _shut, (connection,))
+        timer.daemon = True
+        timer.start()
+        try:
+            target = parts.path or "/"
+            connection.request("GET", target + (f"?{parts.query}" if parts.query else ""),
+                               headers={"User-Agent": "qwenvl", "Accept": "image/*"})
+            response = connection.getresponse()
+            location = response.getheader("Location")
+            if response.status in (301, 302, 303, 307, 308) and location:
+                url = urllib.parse.urljoin(url, location)
+                continue
+            if response.status != 200:
+                raise ImageError(f"cannot download image {label}: HTTP {response.status} {response.reason}")
+            declared = response.getheader("Content-Length", "")
+            if declared.isdigit() and int(declared) > limits.max_bytes:
+                raise ImageError(_too_many_bytes(f"the download {label}", int(declared), limits))
+            body, size = [], 0
+            while True:
+                connection.sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+                chunk = response.read1(1 << 16)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > limits.max_bytes:
+                    raise ImageError(_too_many_bytes(f"the download {label}", size, limits))
+                body.append(chunk)
+            if time.monotonic() >= deadline:
+                raise TimeoutError
+            if response.length:  # the server closed before the Content-Length it announced
+                raise http.client.IncompleteRead(b"", response.length)
+            return b"".join(body)
+        except ImageError:
+            raise
+        except (http.client.HTTPException, OSError, ValueError, AttributeError) as e:
+            if time.monotonic() >= deadline - 0.01:
+                raise ImageError(f"cannot download image {label}: not done within {limits.timeout_s:g} s "
+                                 "(raise it with --image-timeout or QWENVL_IMAGE_TIMEOUT)") from None
+            raise ImageError(f"cannot download image {label}: {e or type(e).__name__}") from None
+        finally:
+            timer.cancel()
+            connection.close()
+    raise ImageError(f"cannot download image {label}: more than {MAX_REDIRECTS} redirects")
+
+
+def _shut(connection) -> None:
+    sock = connection.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read at once (close alone may not)
+        except OSError:
+            pass
+
+
+def open_image(raw: bytes, label: str, limits: ImageLimits | None = None) -> Image.Image:
+    """Decode image bytes, checking the pixel count from the header before any pixel is decoded."""
+    limits = limits or current_limits()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the pixel cap below decides
+            picture = Image.open(io.BytesIO(raw))
+            width, height = picture.size
+            if width * height > limits.max_pixels:
+                raise ImageError(_too_many_pixels(label, width, height, limits))
+            picture.load()
+    except ImageError:
+        raise
+    except Image.DecompressionBombError:  # only past our cap: Pillow refuses above twice its own limit
+        raise ImageError(f"image {label} declares more pixels than Pillow will decode "
+                         f"(the limit is {limits.max_pixels} pixels)") from None
+    except Exception as e:  # a damaged file can fail in any of Pillow's decoders; it is still the file's fault
+        raise ImageError(f"not a readable image: {label} ({type(e).__name__}: {e})") from None
+    return picture
+
+
+def _too_many_pixels(label: str, width: int, height: int, limits: ImageLimits) -> str:
+    return (f"image {label} is {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels} "
+            "(the model sees it at 448x448; raise it with --max-image-pixels or QWENVL_MAX_IMAGE_PIXELS)")
+
+
+def load_image(image, limits: ImageLimits | None = None) -> Image.Image:
+    """Open any accepted image input as a PIL image (not yet converted), within `limits` (default:
+    `current_limits()`)."""
     if isinstance(image, Image.Image):
         return image
+    limits = limits or current_limits()
     reference = image if isinstance(image, str) else to_reference(image)
-    raw = _read_bytes(reference)
-    try:
-        picture = Image.open(io.BytesIO(raw))
-        picture.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"not a readable image: {short_label(reference)} ({e})") from None
-    return picture
+    return open_image(_read_bytes(reference, limits), short_label(reference), limits)
 
 
 def _normalization_table() -> torch.Tensor:

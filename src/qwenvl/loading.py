@@ -13,6 +13,7 @@ import time
 import torch
 
 from .config import GenerationConfig, QWenConfig
+from .errors import CheckpointError, OptionsError, OutputExistsError, UnknownOptionError
 from .model.language import pack_for_cpu
 from .model.quant import replace_with_quantized
 from .model.qwen_vl import QWenLMHeadModel
@@ -23,10 +24,7 @@ INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 IGNORED_TAILS = {("rotary_emb", "inv_freq"), ("attn", "bias"), ("attn", "masked_bias")}
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be loaded; the message names the file and the key."""
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 def weight_files(path: str) -> list[str]:
@@ -37,17 +35,27 @@ def weight_files(path: str) -> list[str]:
             try:
                 with open(index, encoding="utf-8") as f:
                     weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index} is not a valid shard index ({e})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
             files = sorted(set(weight_map.values()))
             for shard in files:
-                if not os.path.exists(os.path.join(path, shard)):
+                check_shard_name(shard, index)
+                if not os.path.isfile(os.path.join(path, shard)):
                     raise CheckpointError(f"{index} lists shard {shard}, which is missing from {path}")
             return [os.path.join(path, f) for f in files]
     for name in WEIGHT_FILES:
         if os.path.exists(os.path.join(path, name)):
             return [os.path.join(path, name)]
     raise CheckpointError(f"no weights in {path}: expected one of {', '.join(WEIGHT_FILES + INDEX_FILES)}")
+
+
+def check_shard_name(shard: str, index: str) -> None:
+    """A shard is a file name inside the checkpoint folder: no absolute path, no `..`, nothing outside."""
+    parts = shard.replace("\\", "/").split("/")
+    if not shard or os.path.isabs(shard) or os.path.splitdrive(shard)[0] or ".." in parts or "\0" in shard:
+        raise CheckpointError(f"{index} names shard {shard!r}, which is not a file inside the checkpoint folder")
 
 
 def read_shard(file: str):
@@ -73,12 +81,12 @@ def read_shard(file: str):
 def resolve_dtype(config: QWenConfig, device: torch.device, torch_dtype=None, bf16=False, fp16=False, fp32=False):
     """The official precedence: explicit flags or torch_dtype, then config.json's flags, then the best the device runs."""
     if sum(map(bool, (bf16, fp16, fp32))) > 1:
-        raise ValueError("give at most one of bf16=True, fp16=True, fp32=True")
+        raise OptionsError("give at most one of bf16=True, fp16=True, fp32=True")
     if bf16 or fp16 or fp32:
         return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
     if isinstance(torch_dtype, str) and torch_dtype != "auto":
         if torch_dtype not in DTYPES:
-            raise ValueError(f"unknown torch_dtype {torch_dtype!r}; use one of {', '.join(sorted(DTYPES))} or 'auto'")
+            raise OptionsError(f"unknown torch_dtype {torch_dtype!r}; use one of {', '.join(sorted(DTYPES))} or 'auto'")
         return DTYPES[torch_dtype]
     if isinstance(torch_dtype, torch.dtype):
         return torch_dtype
@@ -90,17 +98,31 @@ def resolve_dtype(config: QWenConfig, device: torch.device, torch_dtype=None, bf
 
 
 def resolve_device(device_map) -> torch.device:
+    """'auto' / None, 'cpu', 'cuda', 'cuda:N', an int N, a torch.device, or a one-device dict -> a device
+    this machine has; anything else is an OptionsError that names it."""
     if device_map is None or device_map == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(device_map, dict):
         devices = set(device_map.values())
         if len(devices) != 1:
-            raise ValueError("device_map dicts that split the model over several devices are not supported; "
-                             "pass 'cpu', 'cuda', 'cuda:N' or 'auto'")
+            raise OptionsError("device_map dicts that split the model over several devices are not supported; "
+                               "pass 'cpu', 'cuda', 'cuda:N' or 'auto'")
         device_map = devices.pop()
-    device = torch.device(device_map if not isinstance(device_map, int) else f"cuda:{device_map}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device_map={device_map!r} asks for CUDA, but no CUDA device is available")
+    try:
+        if isinstance(device_map, bool) or not isinstance(device_map, (str, int, torch.device)):
+            raise TypeError
+        device = torch.device(f"cuda:{device_map}" if isinstance(device_map, int) else device_map)
+    except (RuntimeError, TypeError, ValueError):
+        raise OptionsError(f"unknown device {device_map!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type not in DEVICE_TYPES:
+        raise OptionsError(f"device {device_map!r} cannot run a model; use cpu, cuda, cuda:N or auto")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionsError(f"device {device_map!r} asks for CUDA, but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise OptionsError(f"device {device_map!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise OptionsError(f"device {device_map!r} asks for MPS, but it is not available")
     return device
 
 
@@ -158,7 +180,11 @@ def quantization(config: QWenConfig, path: str) -> int | None:
     if method != "gptq" or bits != 4:
         raise CheckpointError(f"{path}/config.json: quantization {method} with {bits} bits is not supported "
                               "(only GPTQ 4-bit, as Qwen-VL-Chat-Int4)")
-    return int(q.get("group_size", 128))
+    group_size = q.get("group_size", 128)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise CheckpointError(f"{path}/config.json: quantization_config.group_size must be a positive integer, "
+                              f"got {group_size!r}")
+    return group_size
 
 
 def check_folder(path) -> str:
@@ -180,13 +206,13 @@ def from_pretrained(path, *, bf16: bool = False, fp16: bool = False, fp32: bool 
     """Load an official Qwen-VL checkpoint folder; accepts the official keyword arguments."""
     unknown = sorted(set(kwargs) - IGNORED_KWARGS)
     if unknown:
-        raise TypeError(f"from_pretrained got unknown keyword argument(s): {', '.join(unknown)}")
+        raise UnknownOptionError(f"from_pretrained got unknown keyword argument(s): {', '.join(unknown)}")
     path = check_folder(path)
     try:
         config = QWenConfig.from_json(os.path.join(path, "config.json"))
         generation_config = GenerationConfig.from_json(os.path.join(path, "generation_config.json"))
-    except ValueError as e:  # a broken config file is a broken checkpoint: one error type to catch
-        raise CheckpointError(str(e)) from None
+    except (OSError, UnicodeDecodeError) as e:  # an unreadable config file is a broken checkpoint
+        raise CheckpointError(f"cannot read the config files of {path}: {e}") from None
     group_size = quantization(config, path)
     files = weight_files(path)
     device = resolve_device(device_map)
@@ -207,7 +233,7 @@ TOKENIZER_FILES = ("qwen.tiktoken", "tokenizer_config.json")
 def check_output_folder(out: str) -> None:
     """Refuse an output folder that already holds something (checked before any long work)."""
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise FileExistsError(f"{out} already exists and is not empty; remove it or choose another output folder")
+        raise OutputExistsError(f"{out} already exists and is not empty; remove it or choose another output folder")
 
 
 def write_checkpoint(model: QWenLMHeadModel, out: str, tokenizer_from: str) -> str:

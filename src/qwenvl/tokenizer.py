@@ -15,7 +15,8 @@ import tiktoken
 import torch
 
 from . import boxes as box_utils
-from .images import ImageError, decode_reference, encode_reference, load_image, short_label, to_reference
+from .errors import CheckpointError, ImageError, MissingCheckpointFile, OptionsError, RequestError
+from .images import decode_reference, encode_reference, load_image, short_label, to_reference
 
 VOCAB_FILE = "qwen.tiktoken"
 CONFIG_FILE = "tokenizer_config.json"
@@ -48,7 +49,7 @@ class BatchEncoding(dict):
 def load_ranks(vocab_path: Path) -> dict[bytes, int]:
     """Read `base64token rank` lines; a missing or damaged file ends in an error that says what to do."""
     if not vocab_path.is_file():
-        raise FileNotFoundError(
+        raise MissingCheckpointFile(
             f"{vocab_path} not found: a Qwen-VL checkpoint folder must hold {VOCAB_FILE} "
             "(copy it from the original checkpoint, or from the dashscope package's resources/)")
     ranks = {}
@@ -60,10 +61,10 @@ def load_ranks(vocab_path: Path) -> dict[bytes, int]:
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
             except (ValueError, binascii.Error):
-                raise ValueError(f"{vocab_path} line {number} is not 'base64token rank': the file is damaged; "
+                raise CheckpointError(f"{vocab_path} line {number} is not 'base64token rank': the file is damaged; "
                                  f"copy {VOCAB_FILE} again from the original checkpoint") from None
     if sorted(ranks.values()) != list(range(NUM_MERGEABLE)):
-        raise ValueError(f"{vocab_path} does not hold the Qwen vocabulary (ranks 0..{NUM_MERGEABLE - 1}, "
+        raise CheckpointError(f"{vocab_path} does not hold the Qwen vocabulary (ranks 0..{NUM_MERGEABLE - 1}, "
                          f"got {len(ranks)} tokens); copy {VOCAB_FILE} again from the original checkpoint")
     return ranks
 
@@ -74,7 +75,7 @@ def _read_config(path: Path) -> dict:
     try:
         return {**DEFAULT_CONFIG, **json.loads(path.read_text(encoding="utf-8"))}
     except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); fix or delete it") from None
+        raise CheckpointError(f"{path} is not valid JSON ({e}); fix or delete it") from None
 
 
 def _find(ids: list[int], value: int, start: int) -> int:
@@ -127,7 +128,7 @@ class QWenTokenizer:
         other keyword arguments of the original (`trust_remote_code`, `use_fast`, ...) are ignored."""
         folder = Path(path)
         if not folder.is_dir():
-            raise FileNotFoundError(f"tokenizer folder not found: {folder} (give a checkpoint folder that "
+            raise MissingCheckpointFile(f"tokenizer folder not found: {folder} (give a checkpoint folder that "
                                     f"holds {VOCAB_FILE})")
         config = _read_config(folder / CONFIG_FILE)
         config.update({k: kwargs[k] for k in ("padding_side", "model_max_length") if k in kwargs})
@@ -176,7 +177,7 @@ class QWenTokenizer:
             return SPECIAL_TOKENS[token_id - NUM_MERGEABLE]
         if 0 <= token_id < NUM_MERGEABLE:
             return self.tokenizer.decode_single_token_bytes(token_id)
-        raise ValueError(f"unknown token id {token_id} (the vocabulary has {self.vocab_size} tokens)")
+        raise RequestError(f"unknown token id {token_id} (the vocabulary has {self.vocab_size} tokens)")
 
     # ---- encoding ----------------------------------------------------------------------------------
 
@@ -203,7 +204,7 @@ class QWenTokenizer:
             end = _find(ids, self.img_end_id, start + 1)
             if end == -1:
                 text = self.tokenizer.decode(ids[start:])
-                raise ValueError(f"unclosed <img> in {short_label(text)!r}: close the image with </img>")
+                raise RequestError(f"unclosed <img> in {short_label(text)!r}: close the image with </img>")
             reference = self.tokenizer.decode_bytes(ids[start + 1:end]).decode("utf-8")
             out += ids[pos:start] + [self.img_start_id] + encode_reference(reference) + [self.img_end_id]
             pos = end + 1
@@ -223,10 +224,10 @@ class QWenTokenizer:
             masks = [self._pad(mask, width, 0) for mask in masks]
         if return_tensors == "pt":
             if len(set(map(len, batch))) > 1:
-                raise ValueError("texts of different lengths cannot form one tensor: pass padding=True")
+                raise OptionsError("texts of different lengths cannot form one tensor: pass padding=True")
             batch, masks = torch.tensor(batch, dtype=torch.long), torch.tensor(masks, dtype=torch.long)
         elif return_tensors is not None:
-            raise ValueError(f"return_tensors={return_tensors!r} is not supported: use 'pt' or None")
+            raise OptionsError(f"return_tensors={return_tensors!r} is not supported: use 'pt' or None")
         elif isinstance(text, str):
             batch, masks = batch[0], masks[0]
         return BatchEncoding(input_ids=batch, attention_mask=masks)
@@ -282,26 +283,39 @@ class QWenTokenizer:
 
     def from_list_format(self, list_format: list[dict]) -> str:
         """Elements -> prompt text: `Picture n:<img>REF</img>\\n` per image, text as is, refs and boxes."""
-        text, num_images = "", 0
+        pieces, num_images = [], 0
         for element in list_format:
             if not isinstance(element, dict):
-                raise ValueError(f"list format element {element!r} is not a dict")
+                raise RequestError(f"list format element {short_label(repr(element))} is not a dict")
             if "image" in element:
                 num_images += 1
                 reference = element["image"] if isinstance(element["image"], str) else to_reference(element["image"])
-                text += f"Picture {num_images}:{self.image_start_tag}{reference}{self.image_end_tag}\n"
+                if self.image_start_tag in reference or self.image_end_tag in reference:
+                    # it would close its span early and open another: one item, two images
+                    raise ImageError(f"image reference {short_label(reference)!r} contains <img> or </img>")
+                pieces.append(f"Picture {num_images}:{self.image_start_tag}{reference}{self.image_end_tag}\n")
             elif "text" in element:
-                text += element["text"]
+                if not isinstance(element["text"], str):
+                    raise RequestError(f"list format text {short_label(repr(element['text']))} is not a string")
+                pieces.append(element["text"])
             elif "box" in element:
                 if "ref" in element:
-                    text += f"{self.ref_start_tag}{element['ref']}{self.ref_end_tag}"
-                for box in element["box"]:
-                    corners = "(%d,%d),(%d,%d)" % (box[0], box[1], box[2], box[3])
-                    text += f"{self.box_start_tag}{corners}{self.box_end_tag}"
+                    ref = element["ref"]
+                    if not isinstance(ref, str) or any(tag in ref for tag in IMAGE_ST):
+                        raise RequestError(f"list format ref {short_label(repr(ref))} must be text without "
+                                           "<ref>/<box>/<img> tags")
+                    pieces.append(f"{self.ref_start_tag}{ref}{self.ref_end_tag}")
+                try:
+                    for box in element["box"]:
+                        corners = "(%d,%d),(%d,%d)" % (box[0], box[1], box[2], box[3])
+                        pieces.append(f"{self.box_start_tag}{corners}{self.box_end_tag}")
+                except (TypeError, IndexError, KeyError, ValueError, OverflowError):
+                    raise RequestError(f"list format box {short_label(repr(element['box']))} must be a list of "
+                                       "(x1, y1, x2, y2) integer boxes") from None
             else:
-                raise ValueError(f"unsupported list format element {short_label(repr(element))}: "
-                                 "use keys 'image', 'text', or 'box' (with an optional 'ref')")
-        return text
+                raise RequestError(f"unsupported list format element {short_label(repr(element))}: "
+                                   "use keys 'image', 'text', or 'box' (with an optional 'ref')")
+        return "".join(pieces)
 
     def draw_bbox_on_latest_picture(self, response: str, history=None):
         """The latest picture (in the response, else the history queries, newest first) with the response's

@@ -30,6 +30,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from . import metrics
+from .. import errors
 
 OPTION_LETTERS = "ABCDE"
 VQA_PROMPT = "<img>{}</img>{} Answer:"
@@ -38,7 +39,7 @@ CHOICE_PROMPT = "<img>{}</img>Context: {}\nQuestion: {}\nOptions: {}\nAnswer:"
 GROUNDING_PROMPT = "<img>{}</img><ref>{}</ref><box>"
 
 
-class EvalDataError(ValueError):
+class EvalDataError(errors.DataError):
     """A benchmark file that cannot be read as its task's format; the message names the file and line."""
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from .. import images as image_io
 from ..config import GenerationConfig, QWenConfig
+from ..errors import RequestError
 from .language import Block, KVCache, Linear, RMSNorm, Rotary, Step, logn_scale, ntk_alpha
 from .vision import VisionTower
 
@@ -136,12 +137,12 @@ class QWenLMHeadModel(nn.Module):
         starts = (input_ids == start_id).nonzero().tolist()
         ends = (input_ids == start_id + 1).nonzero().tolist()
         if len(starts) != len(ends):
-            raise ValueError(f"the prompt has {len(starts)} <img> but {len(ends)} </img> tokens")
+            raise RequestError(f"the prompt has {len(starts)} <img> but {len(ends)} </img> tokens")
         span = self.config.visual.n_queries + 1
         for (r, a), (r2, b) in zip(starts, ends):
             if r != r2 or b - a != span:
-                raise ValueError(f"malformed image span in row {r} at column {a}: an image takes "
-                                 f"<img> + {span - 1} ids + </img>; build prompts with the tokenizer")
+                raise RequestError(f"malformed image span in row {r} at column {a}: an image takes "
+                                   f"<img> + {span - 1} ids + </img>; build prompts with the tokenizer")
         return [(r, a) for r, a in starts]
 
     def embed(self, input_ids: torch.Tensor, images: list | None = None) -> torch.Tensor:
@@ -150,7 +151,7 @@ class QWenLMHeadModel(nn.Module):
         spans = self.image_spans(input_ids)
         if not spans:
             if images:
-                raise ValueError(f"{len(images)} images were given but the prompt has no <img></img> span")
+                raise RequestError(f"{len(images)} images were given but the prompt has no <img></img> span")
             if self.sync_vision:  # the original's "fake image": keeps sharded ranks in step, gradients defined
                 size = self.config.visual.image_size
                 x = x + self.encode_images([torch.zeros(3, size, size, device=self.device)]).mean() * 0
@@ -159,7 +160,7 @@ class QWenLMHeadModel(nn.Module):
             n = self.config.visual.n_queries
             images = [image_io.decode_reference(input_ids[r, a + 1:a + 1 + n].tolist()) for r, a in spans]
         elif len(images) != len(spans):
-            raise ValueError(f"{len(images)} images were given for {len(spans)} <img></img> spans in the prompt")
+            raise RequestError(f"{len(images)} images were given for {len(spans)} <img></img> spans in the prompt")
         features = self.encode_images(images).to(x.dtype)
         x = x.clone()
         for (r, a), f in zip(spans, features):
@@ -177,10 +178,10 @@ class QWenLMHeadModel(nn.Module):
             pads = t - attention_mask.long().sum(1)
             expected = torch.arange(t, device=input_ids.device)[None, :] >= pads[:, None]
             if not torch.equal(attention_mask.bool(), expected):
-                raise ValueError("attention_mask must describe left padding (zeros, then ones, in every row); "
+                raise RequestError("attention_mask must describe left padding (zeros, then ones, in every row); "
                                  "set tokenizer.padding_side = 'left'")
             if bool((pads == t).any()):
-                raise ValueError("a row of the batch is all padding")
+                raise RequestError("a row of the batch is all padding")
         lengths = (t - pads).tolist()
         use_ntk = self.config.use_dynamic_ntk and not self.training
         alphas = [ntk_alpha(n, self.config.seq_length) if use_ntk else 1.0 for n in lengths]

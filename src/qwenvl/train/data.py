@@ -26,6 +26,7 @@ from PIL import Image
 
 from ..boxes import TAGS, split_tags
 from ..chat import DEFAULT_SYSTEM
+from .. import errors
 from ..images import load_image, preprocess, short_label
 
 IGNORE = -100
@@ -36,7 +37,7 @@ TAG_STRINGS = tuple(tag for pair in TAGS.values() for tag in pair)
 _BROKEN_LINE = object()  # stands for a JSON Lines line that did not parse, so positions stay line-true
 
 
-class DataError(ValueError):
+class DataError(errors.DataError):
     """Problems in training data; the message lists each as `record N (id ...): problem`."""
 
     def __init__(self, problems: list[str] | str, source=None):
