@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -176,6 +177,8 @@ class Step:
     start: int
     cache: KVCache | None
     layer: int = 0
+    # the engine's attention over its own cache pool: (layer, q, k, v) [1, H, N, D] -> [1, H, N, D]
+    attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 class Attention(nn.Module):
@@ -193,6 +196,8 @@ class Attention(nn.Module):
         k = apply_rotary(k, step.cos, step.sin)
         if step.logn is not None:
             q = q * step.logn.to(q.dtype)
+        if step.attend is not None:
+            return self.c_proj(step.attend(step.layer, q, k, v).transpose(1, 2).reshape(b, t, -1))
         if step.cache is not None:
             end = step.start + t
             step.cache.k[step.layer, :, :, step.start:end] = k

@@ -1,0 +1,253 @@
+"""The serving engine: continuous batching over one model.
+
+Requests come in at any time (`add_request`, thread-safe); each `step` admits waiting sequences into the
+cache pool, runs one decode token for every running sequence plus prefill chunks within a token budget,
+samples each sequence with its own rule and generator, and lets finished or aborted sequences leave at once.
+`start()` runs the steps on a background thread; without it, `generate` and `chat` drive them.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+import torch
+
+from .. import images as image_io
+from ..chat import DEFAULT_SYSTEM, _prepare, check_history, reply_ids
+from ..errors import OptionsError, QwenVLError, RequestError
+from ..generation import SamplingParams, _ends_with_stop, check_positions, next_tokens
+from .cache_pool import CachePool
+from .runner import ModelRunner
+from .scheduler import Scheduler
+from .sequence import Picture, Sequence, Status
+
+
+class QueueFull(QwenVLError):
+    """The engine's waiting queue is at --max-queue: try again later."""
+
+
+class EngineStopped(QwenVLError):
+    """The engine no longer admits requests (it is shutting down)."""
+
+
+class LLMEngine:
+    def __init__(self, model, max_num_seqs: int = 8, kv_cache_tokens: int | None = None,
+                 max_prefill_tokens: int = 512, image_cache_size: int = 64, max_queue: int | None = None):
+        config = model.config
+        if max_num_seqs < 1 or max_prefill_tokens < 1 or image_cache_size < 0:
+            raise OptionsError("max_num_seqs and max_prefill_tokens must be >= 1, image_cache_size >= 0")
+        if kv_cache_tokens is None:
+            kv_cache_tokens = max_num_seqs * min(config.max_position_embeddings, 2048)
+        slot_len = min(kv_cache_tokens // max_num_seqs, config.max_position_embeddings)
+        if slot_len < 2:
+            raise OptionsError(f"kv_cache_tokens={kv_cache_tokens} leaves {slot_len} tokens for each of the "
+                               f"{max_num_seqs} sequences: raise it or lower max_num_seqs")
+        self.model = model
+        self.span = config.visual.n_queries
+        self.pool = CachePool(config, max_num_seqs, slot_len, model.dtype, model.device)
+        self.scheduler = Scheduler(self.pool, max_num_seqs, max_prefill_tokens, self.span)
+        self.runner = ModelRunner(model, self.pool, image_cache_size)
+        self.max_queue = max_queue
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "prefix_cache_tokens": 0, "steps": 0}
+        self._inbox: list[Sequence] = []
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.accepting = True
+
+    @property
+    def max_model_len(self) -> int:
+        return self.pool.slot_len
+
+    # ---- requests ----------------------------------------------------------------------------------
+
+    def add_request(self, prompt: list[int], params: SamplingParams | None = None, images: list | None = None,
+                    listener: Callable[[Sequence, list[int]], None] | None = None, **options) -> Sequence:
+        """Queue one prompt (token ids; image spans as the tokenizer writes them). `images`: one per span, as
+        pixel tensors [3, S, S] or anything `images.load_image` takes; None reads the references in the spans.
+        Options as `generate` takes them (`max_new_tokens`, `do_sample`, `seed`, ...) when `params` is None."""
+        if not self.accepting:
+            raise EngineStopped("the engine is shutting down and takes no new requests")
+        params = params or SamplingParams.build(self.model.generation_config, **options)
+        prompt = [int(t) for t in prompt]
+        check_positions(self.model.config, len(prompt), params.max_new_tokens)
+        if min(prompt) < 0 or max(prompt) >= self.model.config.vocab_size:
+            raise RequestError(f"the prompt holds ids outside the vocabulary [0, {self.model.config.vocab_size})")
+        if len(prompt) + params.max_new_tokens > self.pool.slot_len:
+            raise RequestError(f"the prompt's {len(prompt)} tokens plus max_new_tokens={params.max_new_tokens} "
+                               f"exceed the engine's {self.pool.slot_len} tokens per sequence: ask for at most "
+                               f"{max(self.pool.slot_len - len(prompt), 0)} new tokens or shorten the prompt")
+        spans = [a for _, a in self.model.image_spans(torch.tensor([prompt]))]
+        pictures = self._pictures(prompt, spans, images)
+        seq = Sequence(prompt=prompt, params=params, pictures=pictures, spans=spans, listener=listener)
+        config = self.model.config
+        if config.use_dynamic_ntk:
+            from ..model.language import ntk_alpha
+            seq.alpha = ntk_alpha(len(prompt), config.seq_length)
+        if params.do_sample and params.seed is not None:
+            seq.generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
+        with self._lock:
+            if self.max_queue is not None and len(self._inbox) + len(self.scheduler.waiting) >= self.max_queue:
+                raise QueueFull(f"the queue holds {self.max_queue} waiting requests (--max-queue): retry later")
+            self._inbox.append(seq)
+            self._lock.notify_all()
+        return seq
+
+    def _pictures(self, prompt: list[int], spans: list[int], images: list | None) -> list[Picture]:
+        if images is None:
+            images = [image_io.decode_reference(prompt[a + 1:a + 1 + self.span]) for a in spans]
+        if len(images) != len(spans):
+            raise RequestError(f"{len(images)} images were given for {len(spans)} <img></img> spans in the prompt")
+        size = self.model.config.visual.image_size
+        return [im if isinstance(im, Picture) else
+                Picture(im if isinstance(im, torch.Tensor) else image_io.preprocess(image_io.load_image(im), size))
+                for im in images]
+
+    def abort(self, seq: Sequence) -> None:
+        """Cancel a request; it leaves, and frees its slot, at the next step."""
+        seq.aborted = True
+        with self._lock:
+            self._lock.notify_all()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting) + len(self._inbox)
+
+    def has_work(self) -> bool:
+        return bool(self._inbox or self.scheduler.waiting or self.scheduler.running)
+
+    # ---- the step ----------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        scheduler = self.scheduler
+        with self._lock:
+            scheduler.waiting.extend(self._inbox)
+            self._inbox.clear()
+        changed: dict[int, tuple[Sequence, list[int]]] = {}
+        for seq in [s for s in list(scheduler.waiting) + scheduler.running if s.aborted]:
+            scheduler.finish(seq, "abort")
+            changed[seq.id] = (seq, [])
+        admitted = scheduler.admit()
+        for seq in admitted:
+            self.stats["prompt_tokens"] += len(seq.prompt)
+            self.stats["prefix_cache_tokens"] += seq.reused
+        chunks = []
+        try:
+            if admitted:
+                self.runner.encode(admitted)
+            chunks = scheduler.plan()
+            if chunks:
+                logits = self.runner.run(chunks)
+        except Exception as e:  # fails this step's sequences, not the engine
+            for seq in admitted + [c.seq for c in chunks]:
+                seq.error = e
+                scheduler.finish(seq, "error")
+                changed[seq.id] = (seq, [])
+            self._notify(changed)
+            return
+        self.stats["steps"] += 1
+        now = time.monotonic()
+        row = 0
+        for c in chunks:
+            seq = c.seq
+            seq.computed = c.start + c.length
+            if not c.sample:
+                continue
+            if seq.features is not None:
+                seq.features = None  # the prompt is in the cache now
+            token = self._sample(seq, logits[row:row + 1])
+            row += 1
+            seq.output.append(token)
+            self.stats["generation_tokens"] += 1
+            seq.first_token_at = seq.first_token_at or now
+            seq.last_token_at = now
+            changed[seq.id] = (seq, [token])
+            reason = self._stop_reason(seq, token)
+            if reason:
+                scheduler.finish(seq, reason)
+        self._notify(changed)
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
+        params = seq.params
+        seen = torch.tensor([seq.tokens], device=logits.device) if params.repetition_penalty != 1.0 else None
+        return int(next_tokens(logits, seen, params, seq.generator, len(seq.output))[0])
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if token in params.eos_token_id or (params.stop_words_ids and _ends_with_stop(seq.output, params.stop_words_ids)):
+            return "stop"
+        if len(seq.output) >= params.max_new_tokens or seq.computed + 1 >= self.pool.slot_len:
+            return "length"
+        return None
+
+    def _notify(self, changed: dict) -> None:
+        for seq, tokens in changed.values():
+            if seq.listener is not None:
+                try:
+                    seq.listener(seq, tokens)
+                except Exception:  # a broken consumer cancels its own request only
+                    seq.aborted = True
+
+    # ---- background loop ---------------------------------------------------------------------------
+
+    def start(self) -> "LLMEngine":
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="qwenvl-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self.has_work():
+                    self._lock.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+    # ---- convenience surfaces ----------------------------------------------------------------------
+
+    def wait(self, seqs: list[Sequence]) -> None:
+        """Until every one of `seqs` has finished: by driving the steps, or, with the loop running, by waiting."""
+        while not all(s.finished for s in seqs):
+            if self._thread is None:
+                self.step()
+            else:
+                time.sleep(0.002)
+
+    def generate(self, prompts: list[list[int]], images: list | None = None, **options) -> list[list[int]]:
+        """New tokens of each prompt (eos / stop tokens included, as `model.generate` yields them)."""
+        seqs = [self.add_request(p, images=None if images is None else images[i], **options)
+                for i, p in enumerate(prompts)]
+        self.wait(seqs)
+        for s in seqs:
+            if s.error is not None:
+                raise s.error
+        return [s.output for s in seqs]
+
+    def chat(self, tokenizer, query, history=None, system: str = DEFAULT_SYSTEM, **options) -> tuple[str, list]:
+        """`model.chat` on the engine: the same prompt, stop rule and reply cut."""
+        history = check_history(history)
+        query, input_ids, params, chat_format = _prepare(self.model, tokenizer, query, history, system, options)
+        seq = self.add_request(input_ids[0].tolist(), params)
+        self.wait([seq])
+        if seq.error is not None:
+            raise seq.error
+        response = tokenizer.decode(reply_ids(seq.output, tokenizer, drop_last_if_cut=chat_format == "chatml"),
+                                    errors="replace").strip()
+        history.append((query, response))
+        return response, history
