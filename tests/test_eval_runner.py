@@ -193,13 +193,13 @@ def test_few_shot_fixed_never_shows_an_item_its_own_image():
     task = T.TASKS["vqav2"]
     pool = [T.Item(str(i), f"<img>{i}.png</img>q{i} Answer:", {"answers": [f"a{i}"]}) for i in range(3)]
     items = [T.Item(str(i), f"<img>{i}.png</img>q{i} Answer:", {"answers": [f"a{i}"]}) for i in range(3)]
-    T.add_few_shot(task, items, pool, 2, seed=0, compat=False)
+    items = T.add_few_shot(task, items, pool, 2, seed=0, compat=False)
     for i, item in enumerate(items):
         examples = item.prompt.rsplit("<img>", 1)[0]
         assert f"<img>{i}.png</img>" not in examples and examples.count("<img>") == 2
         assert item.prompt.endswith(f"<img>{i}.png</img>q{i} Answer:")
     compat_items = [T.Item(str(i), f"<img>{i}.png</img>q{i} Answer:", {"answers": [f"a{i}"]}) for i in range(3)]
-    T.add_few_shot(task, compat_items, pool, 3, seed=0, compat=True)  # all three, its own included
+    compat_items = T.add_few_shot(task, compat_items, pool, 3, seed=0, compat=True)  # all three, its own included
     assert all(it.prompt.count(f"<img>{i}.png</img>") == 2 for i, it in enumerate(compat_items))
 
 
@@ -231,8 +231,8 @@ def test_bad_inputs_get_errors_that_name_them(ckpt, files, tmp_path, capsys):
     no_answers = tmp_path / "n.jsonl"
     no_answers.write_text(json.dumps({"image": str(files[0] / "gqa" / "images" / "0.png"), "question": "q",
                                       "question_id": 1}) + "\n")
-    with pytest.raises(T.EvalDataError, match="needs the human answers"):
-        evaluate(EvalArgs("vqav2", str(ckpt), str(no_answers), out=str(tmp_path / "o4"), progress=False))
+    with pytest.raises(T.EvalDataError, match="no answers to score gqa with, and gqa has no server"):
+        evaluate(EvalArgs("gqa", str(ckpt), str(no_answers), out=str(tmp_path / "o4"), progress=False))
     assert cli.main(["eval", "gqa", "-m", str(ckpt), "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl: no such file" in capsys.readouterr().err
 

@@ -425,6 +425,10 @@ def cmd_eval(args) -> int:
     if result is not None:
         print(summary_table([result]))
         print(f"metrics: {os.path.join(args.out or os.path.join('eval_results', args.task), 'metrics.json')}")
+        if "submission" in result:
+            scored = result.get(result["metric"]) is not None
+            print(f"submission ({'also ' if scored else 'no answers to score: '}for the benchmark's server"
+                  f"{', calculation.py --results_dir' if args.task == 'mme' else ''}): {result['submission']}")
     return 0
 
 
@@ -436,7 +440,7 @@ def cmd_eval_table(args) -> int:
         for root, _, files in sorted(os.walk(folder)):
             if "metrics.json" in files:
                 with open(os.path.join(root, "metrics.json"), encoding="utf-8") as f:
-                    found.append(json.load(f))
+                    found.append({**json.load(f), "folder": root})
     if not found:
         raise UsageError(f"no metrics.json under {', '.join(args.folders)}")
     print(summary_table(found))

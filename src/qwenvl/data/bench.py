@@ -171,7 +171,7 @@ def _mme(rng, folder, n, size, fonts) -> str:
             suffix = " Please answer yes or no."
             lines += [f"{i}.png\t{pair[0]}{suffix}\tYes", f"{i}.png\t{pair[1]}{suffix}\tNo"]
         (questions / f"{category}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return f"--data {questions} --images {folder}/images"
+    return f"--data {questions} --images {folder}"
 
 
 def generate(out, n: int = 50, seed: int = 0, image_size: int = 224, tasks=BENCHMARKS) -> dict[str, str]:

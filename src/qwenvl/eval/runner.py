@@ -3,7 +3,9 @@
 Predictions are appended to OUT/predictions.rank<R>.jsonl as each batch finishes, so an interrupted run
 continues where it stopped (whatever the number of processes then). Under torchrun every rank takes a
 contiguous slice of the items (the original's InferenceSampler); rank 0 gathers, scores once and writes
-OUT/predictions.jsonl (in input order), OUT/metrics.json and a summary table.
+OUT/predictions.jsonl (in input order), OUT/metrics.json and a summary table. Benchmarks scored by a server
+also get the file that server takes (see tasks.write_submission); a test split without answers gets only
+that file, and metrics.json says where it is.
 """
 from __future__ import annotations
 
@@ -207,10 +209,13 @@ def evaluate(args: EvalArgs) -> dict | None:
         items = items[:max(0, args.limit)]
     if not items:
         raise T.EvalDataError(f"{args.data}: no items to evaluate")
+    if not T.scorable(task, items) and task.name not in T.SUBMITTED:
+        raise T.EvalDataError(f"{args.data}: the items have no answers to score {args.task} with, and {args.task} "
+                              "has no server to submit predictions to")
     if args.few_shot:
         pool = T.load_items(task, args.few_shot_data, T.Images(args.images, os.path.dirname(
-            os.path.abspath(args.few_shot_data))), None, out) if args.few_shot_data else list(items)
-        T.add_few_shot(task, items, pool, args.few_shot, args.seed, compat=args.scorer == "compat")
+            os.path.abspath(args.few_shot_data))), None, out) if args.few_shot_data else items
+        items = T.add_few_shot(task, items, pool, args.few_shot, args.seed, compat=args.scorer == "compat")
 
     run = settings(args, len(items))
     run_path = os.path.join(out, RUN_FILE)
@@ -262,11 +267,17 @@ def evaluate(args: EvalArgs) -> dict | None:
     if compat and task.metric == "grounding":
         meta = T.read_json(run_path)
         dropped = compat_dropped([it.key for it in items], meta["world_size"], meta["batch_size"])
-    result = T.score(task, items, predictions, compat, args.seed, dropped)
-    result = {"task": args.task, "scorer": args.scorer, "metric": task.headline, **result}
     _write(os.path.join(out, "predictions.jsonl"),
            "".join(json.dumps({"key": it.key, "prediction": predictions[it.key]}, ensure_ascii=False) + "\n"
                    for it in items))
+    submission = T.write_submission(task, items, predictions, out)
+    if T.scorable(task, items):
+        result = T.score(task, items, predictions, compat, args.seed, dropped)
+    else:  # a test split: the benchmark's server scores the submission
+        result = {"count": len(items)}
+    result = {"task": args.task, "scorer": args.scorer, "metric": task.headline, **result}
+    if submission:
+        result["submission"] = submission
     _write(os.path.join(out, "metrics.json"), json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     return result
 
@@ -288,13 +299,16 @@ def _progress(rank: int, finished: int, total: int, resumed: int, started: float
 
 
 def summary_table(results: list[dict]) -> str:
-    """A readable table: task, metric, our score, the published Qwen-VL (7B) score where known, items."""
-    rows = [("task", "scorer", "metric", "ours", "Qwen-VL reported", "items")]
+    """A readable table: task, metric, our score ("submit" for a test split), the published Qwen-VL (7B) score
+    where known, items, and the run's folder when the results carry one (`qwenvl eval-table`)."""
+    folders = any("folder" in r for r in results)
+    rows = [("task", "scorer", "metric", "ours", "Qwen-VL reported", "items") + (("folder",) if folders else ())]
     for r in results:
         task = T.TASKS[r["task"]]
-        value = r[r["metric"]]
-        shown = f"{value:.2f}" if task.metric in ("mme",) else f"{100 * value:.2f}"
-        rows.append((r["task"], r["scorer"], r["metric"], shown, task.reported or "-", str(r["count"])))
+        value = r.get(r["metric"])
+        shown = "submit" if value is None else f"{value:.2f}" if task.metric in ("mme",) else f"{100 * value:.2f}"
+        rows.append((r["task"], r["scorer"], r["metric"], shown, task.reported or "-", str(r["count"]))
+                    + ((r.get("folder", "-"),) if folders else ()))
     return format_table(rows)
 
 

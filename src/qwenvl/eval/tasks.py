@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import json
 import os
 import random
@@ -174,7 +175,7 @@ def _coco_caption(task, data, images, annotations, work_dir):
     for n, image in enumerate(coco["images"]):
         where = f"{data}: images[{n}]"
         need(image, ("id", "image"), where)
-        items.append(Item(str(image["id"]), images(image["image"], where),
+        items.append(Item(str(image["id"]), CAPTION_PROMPT.format(images(image["image"], where)),
                           {"image_id": image["id"], "references": refs.get(image["id"], [])}))
     return items
 
@@ -198,8 +199,13 @@ def _vqa(task, data, images, annotations, work_dir):
             answers = [a["answer"] if isinstance(a, dict) else a for a in answers]
         items.append(Item(key, VQA_PROMPT.format(images(row["image"], where), row["question"]),
                           {"question_id": qid, "answers": answers, "image": row["image"], "question": row["question"]}))
-    if task.metric == "vqa" and any(not isinstance(it.info["answers"], list) or not it.info["answers"] for it in items):
-        raise EvalDataError(f"{data}: VQA accuracy needs the human answers of every question: an 'answers' list "
+    unanswered = [it for it in items if not it.info["answers"]]
+    if unanswered and len(unanswered) < len(items):  # all unanswered is a test split: predictions are submitted
+        raise EvalDataError(f"{data}: question {unanswered[0].info['question_id']} has no answers while others do; "
+                            "give every line its answers (or --annotations with the official annotation JSON), "
+                            "or none of them (a test split: a submission file is written instead of a score)")
+    if task.metric == "vqa" and any(not isinstance(it.info["answers"], list) for it in items if it.info["answers"]):
+        raise EvalDataError(f"{data}: VQA accuracy needs the human answers of every question as an 'answers' list "
                             "in each line, or --annotations with the official annotation JSON")
     return items
 
@@ -227,15 +233,17 @@ def _choice(task, data, images, annotations, work_dir):
     items = []
     for n, row in enumerate(read_jsonl(data), 1):
         where = f"{data}:{n}"
-        need(row, ("image", "question", "choices", "answer"), where)
+        need(row, ("image", "question", "choices"), where)
+        row.setdefault("answer", None)  # a test split: predictions are submitted
         choices = row["choices"]
         if not isinstance(choices, list) or not 2 <= len(choices) <= len(OPTION_LETTERS):
             raise EvalDataError(f"{where}: 'choices' must be a list of 2 to {len(OPTION_LETTERS)} options")
-        if not isinstance(row["answer"], int) or not 0 <= row["answer"] < len(choices):
+        if row["answer"] is not None and (not isinstance(row["answer"], int) or not 0 <= row["answer"] < len(choices)):
             raise EvalDataError(f"{where}: 'answer' must be the index of the right choice (0 to {len(choices) - 1})")
         items.append(Item(str(row.get("question_id", row.get("index", n - 1))),
                           _choice_prompt(images(row["image"], where), row.get("hint"), row["question"], choices),
-                          {"answer": row["answer"]}, options=len(choices)))
+                          {"answer": row["answer"], "question": row["question"], "choices": choices},
+                          options=len(choices)))
     return items
 
 
@@ -274,6 +282,7 @@ def _mmbench(task, data, images, annotations, work_dir):
         answer = row.get("answer")
         items.append(Item(str(index), _choice_prompt(path, hint, row["question"], choices),
                           {"index": index % 1_000_000, "rotation": index // 1_000_000, "choices": choices,
+                           "question": row["question"],
                            "answer": "ABCD".index(answer) if answer in tuple("ABCD") else None},
                           options=len(choices)))
     return items
@@ -285,9 +294,14 @@ def _seed(task, data, images, annotations, work_dir):
     items = []
     for n, row in enumerate(read_jsonl(data), 1):
         where = f"{data}:{n}"
-        need(row, ("question_id", "prompt", "answer"), where)
+        need(row, ("question_id", "prompt"), where)
+        answer = row.get("answer")
+        if answer is not None and answer not in tuple("ABCD"):
+            raise EvalDataError(f"{where}: 'answer' must be one of the letters A, B, C, D, not {answer!r}")
         prompt = re.sub(r"<img>(.*?)</img>", lambda m: f"<img>{images(m.group(1), where)}</img>", row["prompt"])
-        items.append(Item(str(row["question_id"]), prompt, {"answer": "ABCD".index(row["answer"])}, options=4))
+        items.append(Item(str(row["question_id"]), prompt,
+                          {"question_id": row["question_id"], "answer": None if answer is None else "ABCD".index(answer)},
+                          options=4))
     return items
 
 
@@ -308,11 +322,10 @@ MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_transla
 
 def _mme(task, data, images, annotations, work_dir):
     """MME as the original's eval.py reads it: a folder of <category>.txt files ("image\\tquestion\\tYes|No" per
-    line), pictures under images/<category>/ beside that folder (or under --images)."""
+    line); each picture is `images/<category>/<image>` as that script names it, resolved like every task's
+    relative paths (against --images, else the working folder, else the folder that holds the data folder)."""
     if not os.path.isdir(data):
         raise EvalDataError(f"{data}: MME takes the folder of <category>.txt files")
-    if images.images_dir is None:
-        images = Images(os.path.join(os.path.dirname(os.path.abspath(data)), "images"), data, images.check)
     items = []
     for name in sorted(os.listdir(data)):
         if not name.endswith(".txt"):
@@ -326,9 +339,9 @@ def _mme(task, data, images, annotations, work_dir):
                 if len(parts) != 3:
                     raise EvalDataError(f"{os.path.join(data, name)}:{n}: expected image<TAB>question<TAB>answer")
                 img, question, gt = parts
-                path = images(os.path.join(category, img), f"{name}:{n}")
+                path = images(os.path.join("images", category, img), f"{os.path.join(data, name)}:{n}")
                 items.append(Item(f"{category}/{n}", f"<img>{path}</img>\n{question}",
-                                  {"category": category, "image": img, "answer": gt.strip()}))
+                                  {"category": category, "image": img, "question": question, "answer": gt.strip()}))
     if not items:
         raise EvalDataError(f"{data}: no <category>.txt files with questions")
     return items
@@ -341,26 +354,38 @@ READERS = {"coco_caption": _coco_caption, "vqa": _vqa, "choice": _choice, "mmben
 # ---- few-shot ---------------------------------------------------------------------------------------
 
 
-def add_few_shot(task: Task, items: list[Item], pool: list[Item], shots: int, seed: int, compat: bool) -> None:
-    """Prefix each prompt with `shots` solved examples drawn (seeded per item) from `pool`, as the original
-    does for captioning and VQA; fixed mode never shows an item its own image."""
+def add_few_shot(task: Task, items: list[Item], pool: list[Item], shots: int, seed: int, compat: bool) -> list[Item]:
+    """`items` with each prompt prefixed by `shots` solved examples drawn (seeded per item) from `pool`, as the
+    original does for captioning and VQA; fixed mode never shows an item its own image. New items are
+    returned: neither `items` nor `pool` changes, so an example is always a bare prompt, never one that
+    already carries examples (the pool may be `items` itself)."""
     if task.kind != "generate" or task.metric == "grounding":
-        raise ValueError(f"--few-shot applies to captioning and VQA tasks, not {task.name}")
+        raise errors.OptionsError(f"--few-shot applies to captioning and VQA tasks, not {task.name}")
+    solved = [(p, _image_of(p), _solution(task, p)) for p in pool]
+    solved = [s for s in solved if s[2]]  # a test split's items have no answer to show
+    shown = []
     for index, item in enumerate(items):
         rng = random.Random(f"{seed}/{index}")
-        candidates = pool if compat else [p for p in pool if _image_of(p) != _image_of(item)]
+        own = _image_of(item)
+        candidates = solved if compat else [s for s in solved if s[1] != own]
         if len(candidates) < shots:
-            raise ValueError(f"--few-shot {shots} needs at least {shots} examples; the pool has {len(candidates)}")
-        prefix = ""
-        for example in rng.sample(candidates, shots):
-            answer = example.info["references"][0] if task.metric == "caption" else _first(example.info["answers"])
-            prefix += f"{example.prompt} {answer}"
-        item.prompt = prefix + item.prompt
+            raise errors.OptionsError(f"--few-shot {shots} needs at least {shots} solved examples"
+                             f"{'' if compat else ' of other images'}; the pool has {len(candidates)}")
+        prefix = "".join(f"{example.prompt} {answer}" for example, _, answer in rng.sample(candidates, shots))
+        shown.append(dataclasses.replace(item, prompt=prefix + item.prompt))
+    return shown
+
+
+def _solution(task: Task, item: Item) -> str:
+    if task.metric == "caption":
+        return item.info["references"][0] if item.info.get("references") else ""
+    return _first(item.info.get("answers")) or ""
 
 
 def _image_of(item: Item) -> str:
-    match = re.search(r"<img>(.*?)</img>", item.prompt)
-    return match.group(1) if match else ""
+    """The item's own picture: the last in its prompt (examples, if any, come before it)."""
+    found = re.findall(r"<img>(.*?)</img>", item.prompt)
+    return found[-1] if found else ""
 
 
 def _first(answers):
@@ -421,7 +446,7 @@ def _as_list(answers):
 def _mmbench_score(items, preds, compat, seed):
     if any(it.info["answer"] is None for it in items):
         raise EvalDataError("MMBench scoring needs the 'answer' column (the dev split); the test split is "
-                            "scored by the MMBench server: submit predictions.jsonl")
+                            "scored by the MMBench server: submit submission.xlsx")
     records = [{"index": it.info["index"], "rotation": it.info["rotation"], "prediction": p["choice"],
                 "answer": it.info["answer"]} for it, p in zip(items, preds)]
     strict = metrics.circular_accuracy(records)
@@ -468,3 +493,123 @@ def _mme_score(items, preds):
         cognition += value if category in MME_COGNITION else 0.0
     return {"total_score": perception + cognition, "perception": perception, "cognition": cognition,
             "categories": result, "count": len(items)}
+
+
+# ---- submission files -------------------------------------------------------------------------------
+# The files each benchmark's server (or, for MME, its calculation.py) takes, written next to predictions.jsonl.
+# Test splits ship without answers: for them these files are the result.
+
+EVALAI = ("vqav2", "okvqa", "textvqa", "vizwiz")  # EvalAI: [{"question_id", "answer"}]
+RRC = ("docvqa", "infographicsvqa")  # the Robust Reading Competition site: [{"questionId", "answer"}]
+SUBMITTED = (*EVALAI, *RRC, "mmbench", "mme", "seed_bench")
+
+
+def scorable(task: Task, items: list[Item]) -> bool:
+    """Whether the items carry what scoring needs (a test split carries no answers: it is only submitted)."""
+    if task.metric in ("vqa", "anls", "relaxed", "exact", "gqa"):
+        return bool(items[0].info["answers"])  # the readers allow all or none
+    if task.kind == "choice":
+        return all(it.info["answer"] is not None for it in items)
+    if task.metric == "caption":
+        return all(it.info["references"] for it in items)
+    return True
+
+
+def write_submission(task: Task, items: list[Item], predictions: dict, out: str) -> str | None:
+    """Write the submission file (MME: folder) of `task` in `out`; returns its path, None for other tasks."""
+    if task.name in EVALAI or task.name in RRC:
+        id_key = "questionId" if task.name in RRC else "question_id"
+        rows = [{id_key: it.info["question_id"], "answer": predictions[it.key]} for it in items]
+        if task.name == "vizwiz":  # VizWiz's server matches answers to pictures by file name
+            for row, it in zip(rows, items):
+                row["image"] = os.path.basename(it.info["image"])
+        path = os.path.join(out, "submission.json")
+        _write_text(path, json.dumps(rows, ensure_ascii=False))
+        return path
+    if task.name == "seed_bench":
+        path = os.path.join(out, "submission.jsonl")
+        _write_text(path, "".join(json.dumps({"question_id": it.info["question_id"],
+                                              "prediction": OPTION_LETTERS[predictions[it.key]["choice"]]}) + "\n"
+                                  for it in items))
+        return path
+    if task.name == "mmbench":
+        # mmbench_predict_to_submission.py's sheet: index, question, A-D, the letter chosen (and answer if known)
+        header = ["index", "question", "A", "B", "C", "D", "prediction"]
+        known = all(it.info["answer"] is not None for it in items)
+        header += ["answer"] if known else []
+        rows = []
+        for it in items:
+            choices = it.info["choices"] + [""] * (4 - len(it.info["choices"]))
+            row = [int(it.key), it.info["question"], *choices[:4], OPTION_LETTERS[predictions[it.key]["choice"]]]
+            rows.append(row + ([OPTION_LETTERS[it.info["answer"]]] if known else []))
+        path = os.path.join(out, "submission.xlsx")
+        write_xlsx(path, header, rows)
+        return path
+    if task.name == "mme":
+        # eval.py's Qwen-VL-Chat/<category>.txt: image, question, ground truth, reply; calculation.py
+        # --results_dir reads them, two lines (the Yes and the No question) per picture, in the source order
+        folder = os.path.join(out, "mme_results")
+        os.makedirs(folder, exist_ok=True)
+        lines = defaultdict(list)
+        for it in items:
+            reply = " ".join(predictions[it.key].split())  # a tab or newline in a reply would break the columns
+            lines[it.info["category"]].append("\t".join((it.info["image"], it.info["question"], it.info["answer"], reply)))
+        for category, rows in lines.items():
+            _write_text(os.path.join(folder, f"{category}.txt"), "\n".join(rows) + "\n")
+        return folder
+    return None
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def write_xlsx(path: str, header: list[str], rows: list[list]) -> None:
+    """A one-sheet .xlsx (what MMBench's server takes) without a spreadsheet library: the five XML parts of a
+    minimal workbook, strings inline, integers as numbers."""
+    import zipfile
+    from xml.sax.saxutils import escape
+
+    def column(n: int) -> str:
+        name = ""
+        while n >= 0:
+            n, r = divmod(n, 26)
+            name, n = chr(65 + r) + name, n - 1
+        return name
+
+    def cell(ref: str, value) -> str:
+        if isinstance(value, int):
+            return f'<c r="{ref}"><v>{value}</v></c>'
+        text = re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f]", "", str(value))  # characters XML cannot hold
+        return f'<c r="{ref}" t="inlineStr"><is><t xml:space="preserve">{escape(text)}</t></is></c>'
+
+    sheet_rows = "".join(f'<row r="{r + 1}">' + "".join(cell(f"{column(c)}{r + 1}", v) for c, v in enumerate(row))
+                         + "</row>" for r, row in enumerate([header, *rows]))
+    main = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
+    rel = "http://schemas.openxmlformats.org/officeDocument/2006/relationships"
+    package = "http://schemas.openxmlformats.org/package/2006/relationships"
+    parts = {
+        "[Content_Types].xml": '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>'
+        '<Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types">'
+        '<Default Extension="rels" ContentType="application/vnd.openxmlformats-package.relationships+xml"/>'
+        '<Default Extension="xml" ContentType="application/xml"/>'
+        '<Override PartName="/xl/workbook.xml" '
+        'ContentType="application/vnd.openxmlformats-officedocument.spreadsheetml.sheet.main+xml"/>'
+        '<Override PartName="/xl/worksheets/sheet1.xml" '
+        'ContentType="application/vnd.openxmlformats-officedocument.spreadsheetml.worksheet+xml"/></Types>',
+        "_rels/.rels": f'<?xml version="1.0" encoding="UTF-8" standalone="yes"?><Relationships xmlns="{package}">'
+        f'<Relationship Id="rId1" Type="{rel}/officeDocument" Target="xl/workbook.xml"/></Relationships>',
+        "xl/workbook.xml": f'<?xml version="1.0" encoding="UTF-8" standalone="yes"?><workbook xmlns="{main}" '
+        f'xmlns:r="{rel}"><sheets><sheet name="Sheet1" sheetId="1" r:id="rId1"/></sheets></workbook>',
+        "xl/_rels/workbook.xml.rels": f'<?xml version="1.0" encoding="UTF-8" standalone="yes"?>'
+        f'<Relationships xmlns="{package}"><Relationship Id="rId1" Type="{rel}/worksheet" '
+        'Target="worksheets/sheet1.xml"/></Relationships>',
+        "xl/worksheets/sheet1.xml": f'<?xml version="1.0" encoding="UTF-8" standalone="yes"?>'
+        f'<worksheet xmlns="{main}"><sheetData>{sheet_rows}</sheetData></worksheet>',
+    }
+    with zipfile.ZipFile(path + ".tmp", "w", zipfile.ZIP_DEFLATED) as z:
+        for name, text in parts.items():
+            z.writestr(name, text)
+    os.replace(path + ".tmp", path)
