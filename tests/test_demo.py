@@ -199,11 +199,59 @@ def test_pretrain_vision_fits_a_few_pictures(tmp_path):
                 for r in json.loads((tmp_path / "train.json").read_text())]
     model = demo.init_model(demo.demo_config(), set(range(300)), seed=0)
     frozen = model.transformer.visual.attn_pool.pos_embed.clone()
-    log = demo.pretrain_vision(model.transformer.visual, pictures, steps=60, batch_size=4, lr=2e-3, log_every=1)
+    log, finished = demo.pretrain_vision(model.transformer.visual, pictures, steps=60, batch_size=4, lr=2e-3,
+                                         log_every=1)
+    assert finished
     assert [r["step"] for r in log] == list(range(1, 61))
     first, last = (sum(r["loss"] for r in part) / 5 for part in (log[:5], log[-5:]))
     assert last < 0.75 * first, log
     assert torch.equal(model.transformer.visual.attn_pool.pos_embed, frozen)  # the sin-cos table stays fixed
+
+
+TINY_BUILD = dict(n_train=24, steps=4, batch_size=1, vision_steps=2, num_workers=0)  # stages 1, 3, 1 steps
+
+
+def build_weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def test_build_stopped_by_the_clock_resumes_to_the_same_model(tmp_path):
+    """Stopped in stage 0, then in stage 2, then run to the end: the same bf16 weights as one straight build."""
+    straight = demo.build(str(tmp_path / "a"), str(tmp_path / "a.work"), **TINY_BUILD)
+    assert straight["finished"] and straight["total_seconds"] > 0
+    out, work = str(tmp_path / "b"), str(tmp_path / "b.work")
+    first = demo.build(out, work, minutes=0, **TINY_BUILD)  # one stage-0 step, then the clock stops it
+    assert not first["finished"] and (tmp_path / "b.work" / "init.stage0.pt").exists()
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match="--resume"):  # a build in progress is never restarted by accident
+        demo.build(out, work, **TINY_BUILD)
+    second = demo.build(out, work, minutes=0, resume=True, **TINY_BUILD)  # stage 0 ends, stage 1, one step of 2
+    assert not second["finished"] and (tmp_path / "b.work" / "stage1" / "model" / "config.json").exists()
+    assert not (tmp_path / "b.work" / "stage2" / "model").exists()
+    third = demo.build(out, work, resume=True, **TINY_BUILD)
+    assert third["finished"] and set(third["seconds"]) == {"init", "stage1", "stage2", "stage3"}
+    a, b = build_weights(tmp_path / "a"), build_weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    record = json.loads((tmp_path / "b" / "build.json").read_text())
+    assert record["total_seconds"] == round(third["total_seconds"]) and record["devices"]
+
+
+def test_resume_without_a_work_folder_warm_starts_from_the_shipped_checkpoint(tmp_path):
+    demo.build(str(tmp_path / "base"), str(tmp_path / "base.work"), **TINY_BUILD)
+    base_seconds = json.loads((tmp_path / "base" / "build.json").read_text())["total_seconds"]
+    result = demo.build(str(tmp_path / "next"), str(tmp_path / "new-machine"), resume=True, more_steps=2,
+                        base=str(tmp_path / "base"), **TINY_BUILD)
+    assert result["finished"] and list(result["seconds"]) == ["more1"]
+    assert result["total_seconds"] > base_seconds
+    history = json.loads((tmp_path / "new-machine" / "more1" / "history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2] and history[0]["lr"] < history[1]["lr"] or len(history) == 2
+    before, after = build_weights(tmp_path / "base"), build_weights(tmp_path / "next")
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained on
+    again = demo.build(str(tmp_path / "next"), str(tmp_path / "new-machine"), resume=True, more_steps=1,
+                       **TINY_BUILD)  # a finished work folder: another round from its own last model
+    assert list(again["seconds"]) == ["more1", "more2"]
 
 
 def test_quality_command_scores_every_question_and_keeps_the_replies(tmp_path, capsys):

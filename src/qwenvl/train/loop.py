@@ -66,6 +66,7 @@ class TrainArgs:
     device: str = "auto"
     keep_tied_rows: bool = False  # rows of wte / lm_head shared by all ids the data never has stay shared
     frozen: tuple[str, ...] = ()  # parameters (official names or their prefixes) kept frozen in any group
+    deadline: float | None = None  # a time.time(): past it, save the state at the next step boundary and stop
     history: list = field(default_factory=list)  # per-step records, filled by train()
 
 
@@ -409,12 +410,17 @@ def train(args: TrainArgs) -> dict:
             progress.log(step, record)
         if args.save_every and step % args.save_every == 0 and step < total:
             save_state(state_dir, model, optimizer, scaler, step, epoch, step_in_epoch, dist_, args)
+        if args.deadline is not None and step < total and dist_.sum(float(time.time() >= args.deadline)) > 0:
+            save_state(state_dir, model, optimizer, scaler, step, epoch, step_in_epoch, dist_, args)
+            if dist_.main:
+                print(f"stopped at step {step} of {total} (time limit); the state is in {state_dir}", file=sys.stderr)
+            return {"history": args.history, "output": args.output, "model": None, "stopped": True}
 
     save_outputs(model, args, dist_)
     if dist_.main:
         with open(os.path.join(args.output, "history.json"), "w", encoding="utf-8") as f:
             json.dump(args.history, f, indent=1)
-    return {"history": args.history, "output": args.output, "model": None if dist_.enabled else model}
+    return {"history": args.history, "output": args.output, "model": None if dist_.enabled else model, "stopped": False}
 
 
 def dataset_counts(dataset) -> str:
