@@ -10,7 +10,7 @@ from PIL import Image
 import qwenvl
 from qwenvl import chat as chat_module
 from qwenvl import generation
-from qwenvl.config import GenerationConfig
+from qwenvl.config import GenerationConfig, QWenConfig
 from qwenvl.generation import SamplingParams, apply_repetition_penalty, warp
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
@@ -255,10 +255,11 @@ def test_invalid_sampling_parameters_are_named(model, tokenizer, bad, name):
 # ---- a scripted model: exact control over the tokens --------------------------------------------------------
 
 class ScriptedModel:
-    """Implements what generation needs (prefill, decode_step, device): each row emits its script's tokens."""
+    """Implements what generation needs (prefill, decode_step, device, config): each row emits its script's tokens."""
 
     device = torch.device("cpu")
     generation_config = GenerationConfig()
+    config = QWenConfig()  # the position limit and vocabulary size that prompts are checked against
 
     def __init__(self, script=None, logits=None):
         self.script, self.fixed = script, logits

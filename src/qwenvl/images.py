@@ -260,14 +260,14 @@ def _download(url: str, limits: ImageLimits) -> bytes:
             raise ImageError(f"cannot download image {label}: {url!r} is not an http(s) URL")
         remaining = deadline - time.monotonic()
         connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        connection = timer = None
         try:
             connection = connection_type(parts.hostname, parts.port, timeout=max(remaining, 1e-3))
-        except (http.client.HTTPException, ValueError) as e:
-            raise ImageError(f"cannot download image {label}: {e}") from None
-        timer = threading.Timer(max(remaining, 0.0), _shut, (connection,))
-        timer.daemon = True
-        timer.start()
-        try:
+            connection.connect()
+            sock = connection.sock  # kept: the connection lets go of it once the response is under way
+            timer = threading.Timer(max(deadline - time.monotonic(), 0.0), _shut, (sock,))
+            timer.daemon = True
+            timer.start()
             target = parts.path or "/"
             connection.request("GET", target + (f"?{parts.query}" if parts.query else ""),
                                headers={"User-Agent": "qwenvl", "Accept": "image/*"})
@@ -283,7 +283,7 @@ def _download(url: str, limits: ImageLimits) -> bytes:
                 raise ImageError(_too_many_bytes(f"the download {label}", int(declared), limits))
             body, size = [], 0
             while True:
-                connection.sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+                sock.settimeout(max(deadline - time.monotonic(), 1e-3))
                 chunk = response.read1(1 << 16)
                 if not chunk:
                     break
@@ -298,24 +298,24 @@ def _download(url: str, limits: ImageLimits) -> bytes:
             return b"".join(body)
         except ImageError:
             raise
-        except (http.client.HTTPException, OSError, ValueError, AttributeError) as e:
+        except (http.client.HTTPException, OSError, ValueError) as e:
             if time.monotonic() >= deadline - 0.01:
                 raise ImageError(f"cannot download image {label}: not done within {limits.timeout_s:g} s "
                                  "(raise it with --image-timeout or QWENVL_IMAGE_TIMEOUT)") from None
             raise ImageError(f"cannot download image {label}: {e or type(e).__name__}") from None
         finally:
-            timer.cancel()
-            connection.close()
+            if timer is not None:
+                timer.cancel()
+            if connection is not None:
+                connection.close()
     raise ImageError(f"cannot download image {label}: more than {MAX_REDIRECTS} redirects")
 
 
-def _shut(connection) -> None:
-    sock = connection.sock
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read at once (close alone may not)
-        except OSError:
-            pass
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read at once (close alone may not)
+    except OSError:
+        pass
 
 
 def open_image(raw: bytes, label: str, limits: ImageLimits | None = None) -> Image.Image:
@@ -331,9 +331,9 @@ def open_image(raw: bytes, label: str, limits: ImageLimits | None = None) -> Ima
             picture.load()
     except ImageError:
         raise
-    except Image.DecompressionBombError:  # only past our cap: Pillow refuses above twice its own limit
-        raise ImageError(f"image {label} declares more pixels than Pillow will decode "
-                         f"(the limit is {limits.max_pixels} pixels)") from None
+    except Image.DecompressionBombError as e:  # Pillow refuses above twice its own limit, before our check
+        raise ImageError(f"image {label} is too large to decode ({e}); the limit is {limits.max_pixels} pixels "
+                         "(the model sees it at 448x448)") from None
     except Exception as e:  # a damaged file can fail in any of Pillow's decoders; it is still the file's fault
         raise ImageError(f"not a readable image: {label} ({type(e).__name__}: {e})") from None
     return picture
