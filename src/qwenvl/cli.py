@@ -48,8 +48,7 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 
 def _set_image_limits(args) -> None:
-    changes = {"max_bytes": getattr(args, "max_image_bytes", None), "max_pixels": getattr(args, "max_image_pixels", None),
-               "timeout_s": getattr(args, "image_timeout", None)}
+    changes = {"max_bytes": args.max_image_bytes, "max_pixels": args.max_image_pixels, "timeout_s": args.image_timeout}
     changes = {k: v for k, v in changes.items() if v is not None}
     if changes:
         images.set_limits(**changes)
