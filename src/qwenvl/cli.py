@@ -281,6 +281,8 @@ def cmd_merge(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .serve.cli import add_options as serve_options
+
     parser = argparse.ArgumentParser(prog="qwenvl", description="Run Qwen-VL models: chat, one-shot generation, benchmarks.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -298,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draw", metavar="OUT.png", help="save the answer's boxes drawn on the (last) image")
     p.add_argument("--json", action="store_true", help="print the answer and its boxes as JSON")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat with images, streaming) on the engine")
+    _add_model_options(p)
+    serve_options(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="speed: image encode, prefill, decode tokens/s vs the memory-bandwidth ceiling")
     p.add_argument("-m", "--model", help="checkpoint folder")
@@ -411,6 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision of the merged weights (auto: the base's config.json)")
     p.set_defaults(func=cmd_merge)
     return parser
+
+
+def cmd_serve(args) -> int:
+    from .serve.cli import serve
+
+    model, tokenizer = _load(args)
+    return serve(model, tokenizer, args)
 
 
 def cmd_eval(args) -> int:

@@ -63,7 +63,8 @@ class LLMEngine:
     # ---- requests ----------------------------------------------------------------------------------
 
     def add_request(self, prompt: list[int], params: SamplingParams | None = None, images: list | None = None,
-                    listener: Callable[[Sequence, list[int]], None] | None = None, **options) -> Sequence:
+                    listener: Callable[[Sequence, list[int]], None] | None = None, logprobs: int | None = None,
+                    **options) -> Sequence:
         """Queue one prompt (token ids; image spans as the tokenizer writes them). `images`: one per span, as
         pixel tensors [3, S, S] or anything `images.load_image` takes; None reads the references in the spans.
         Options as `generate` takes them (`max_new_tokens`, `do_sample`, `seed`, ...) when `params` is None."""
@@ -80,7 +81,8 @@ class LLMEngine:
                                f"{max(self.pool.slot_len - len(prompt), 0)} new tokens or shorten the prompt")
         spans = [a for _, a in self.model.image_spans(torch.tensor([prompt]))]
         pictures = self._pictures(prompt, spans, images)
-        seq = Sequence(prompt=prompt, params=params, pictures=pictures, spans=spans, listener=listener)
+        seq = Sequence(prompt=prompt, params=params, pictures=pictures, spans=spans, listener=listener,
+                       logprobs=logprobs)
         config = self.model.config
         if config.use_dynamic_ntk:
             from ..model.language import ntk_alpha
@@ -101,8 +103,7 @@ class LLMEngine:
             raise RequestError(f"{len(images)} images were given for {len(spans)} <img></img> spans in the prompt")
         size = self.model.config.visual.image_size
         return [im if isinstance(im, Picture) else
-                Picture(im if isinstance(im, torch.Tensor) else image_io.preprocess(image_io.load_image(im), size))
-                for im in images]
+                Picture(im if isinstance(im, torch.Tensor) else image_io.load_image(im), size) for im in images]
 
     def abort(self, seq: Sequence) -> None:
         """Cancel a request; it leaves, and frees its slot, at the next step."""
@@ -175,7 +176,13 @@ class LLMEngine:
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
         params = seq.params
         seen = torch.tensor([seq.tokens], device=logits.device) if params.repetition_penalty != 1.0 else None
-        return int(next_tokens(logits, seen, params, seq.generator, len(seq.output))[0])
+        token = int(next_tokens(logits, seen, params, seq.generator, len(seq.output))[0])
+        if seq.logprobs is not None:
+            logprobs = logits[0].float().log_softmax(-1)
+            top = logprobs.topk(seq.logprobs) if seq.logprobs else None
+            seq.token_logprobs.append((float(logprobs[token]), [] if top is None else
+                                       list(zip(top.indices.tolist(), top.values.tolist()))))
+        return token
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from PIL import Image
 
+from .. import images as image_io
 from ..generation import SamplingParams
 
 _ids = itertools.count()
@@ -21,15 +23,24 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
 class Picture:
-    """A picture of the prompt: preprocessed pixels [3, S, S] and their content hash (the feature-cache key)."""
-    pixels: torch.Tensor
-    digest: bytes = b""
+    """A picture of the prompt, known by its content hash (the feature-cache key); it is resized and
+    normalized only if its features are not cached already."""
 
-    def __post_init__(self):
-        if not self.digest:
-            self.digest = hashlib.sha256(self.pixels.contiguous().numpy().tobytes()).digest()
+    def __init__(self, image: "torch.Tensor | Image.Image", image_size: int, digest: bytes | None = None):
+        self.image, self.image_size = image, image_size
+        self.size = (image_size, image_size) if isinstance(image, torch.Tensor) else image.size  # (width, height)
+        if digest is None:
+            raw = image.contiguous().numpy().tobytes() if isinstance(image, torch.Tensor) else \
+                f"{image.mode}{image.size}".encode() + image.tobytes()
+            digest = hashlib.sha256(raw).digest()
+        self.digest = digest
+
+    @property
+    def pixels(self) -> torch.Tensor:
+        if not isinstance(self.image, torch.Tensor):
+            self.image = image_io.preprocess(self.image, self.image_size)
+        return self.image
 
 
 @dataclass
@@ -50,6 +61,8 @@ class Sequence:
     alpha: float = 1.0  # dynamic-NTK alpha, fixed by the prompt length as in a solo run
     aborted: bool = False
     generator: torch.Generator | None = None
+    logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the k most likely
+    token_logprobs: list = field(default_factory=list)  # (logprob, [(id, logprob), ...]) per output token
     features: list | None = None  # image features for the prefill, dropped once it is done
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None

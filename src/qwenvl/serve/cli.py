@@ -1,0 +1,59 @@
+"""`qwenvl serve` options, and starting the server."""
+from __future__ import annotations
+
+import argparse
+
+from ..errors import OptionsError
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /tokenize")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the folder name)")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="sequences decoded together (cache slots)")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 Too Many Requests")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="KV cache pool size in tokens, shared by the slots (default max-num-seqs x 2048)")
+    p.add_argument("--max-prefill-tokens", type=int, default=512, help="prompt tokens computed per step")
+    p.add_argument("--image-cache-size", type=int, default=64, help="pictures whose features are kept")
+    p.add_argument("--allowed-local-media-path", default=None,
+                   help="folder whose files may be named as images (file:// or path); none by default")
+    p.add_argument("--allow-private-urls", action="store_true",
+                   help="allow image URLs on loopback, private and link-local addresses")
+    p.add_argument("--max-image-bytes", type=int, default=32 << 20)
+    p.add_argument("--max-image-pixels", type=int, default=25_000_000)
+    p.add_argument("--max-images-per-request", type=int, default=8)
+    p.add_argument("--image-fetch-timeout", type=float, default=10.0, help="seconds for one image download")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to finish running streams")
+
+
+def build(model, tokenizer, args):
+    from .. import images as image_io
+    from ..engine import LLMEngine
+    from .media import MediaPolicy
+    from .openai_api import ServerSettings, build_app
+
+    if not 0 < args.port < 65536:
+        raise OptionsError(f"--port must be in 1..65535, got {args.port}")
+    engine = LLMEngine(model, max_num_seqs=args.max_num_seqs, kv_cache_tokens=args.kv_cache_tokens,
+                       max_prefill_tokens=args.max_prefill_tokens, image_cache_size=args.image_cache_size,
+                       max_queue=args.max_queue)
+    limits = image_io.ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels,
+                                  timeout_s=args.image_fetch_timeout)
+    media = MediaPolicy(limits, args.allowed_local_media_path, args.allow_private_urls)
+    name = args.served_model_name or (args.model.rstrip("/").split("/")[-1] if args.model else "qwen-vl")
+    settings = ServerSettings(served_model_name=name, api_key=args.api_key, media=media,
+                              max_images_per_request=args.max_images_per_request)
+    return build_app(engine, tokenizer, settings)
+
+
+def serve(model, tokenizer, args) -> int:
+    import uvicorn
+
+    app = build(model, tokenizer, args)
+    print(f"qwenvl: serving on http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=args.shutdown_timeout)
+    return 0
