@@ -129,10 +129,16 @@ class QWenTokenizer:
         folder = Path(path)
         if not folder.is_dir():
             raise MissingCheckpointFile(f"tokenizer folder not found: {folder} (give a checkpoint folder that "
-                                    f"holds {VOCAB_FILE})")
-        config = _read_config(folder / CONFIG_FILE)
+                                        f"holds {VOCAB_FILE})")
+        try:
+            config = _read_config(folder / CONFIG_FILE)
+            ranks = load_ranks(folder / VOCAB_FILE)
+        except FileNotFoundError:
+            raise
+        except OSError as e:  # unreadable (permissions, a folder under the file's name)
+            raise CheckpointError(f"cannot read the tokenizer files in {folder}: {e.strerror or e}") from None
         config.update({k: kwargs[k] for k in ("padding_side", "model_max_length") if k in kwargs})
-        return cls(load_ranks(folder / VOCAB_FILE), config, errors=kwargs.get("errors", "replace"))
+        return cls(ranks, config, errors=kwargs.get("errors", "replace"))
 
     def save_pretrained(self, directory) -> tuple[str, str]:
         """Write `qwen.tiktoken` and `tokenizer_config.json` into `directory`; returns their paths."""
