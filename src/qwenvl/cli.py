@@ -281,7 +281,7 @@ def cmd_merge(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .serve.cli import add_options as serve_options
+    from .serve.cli import add_bench_options as bench_serve_options, add_options as serve_options
 
     parser = argparse.ArgumentParser(prog="qwenvl", description="Run Qwen-VL models: chat, one-shot generation, benchmarks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -305,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     serve_options(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench-serve", help="serving throughput and latency: batching server vs one at a time")
+    _add_model_options(p)
+    bench_serve_options(p)
+    p.set_defaults(func=cmd_bench_serve)
 
     p = sub.add_parser("bench", help="speed: image encode, prefill, decode tokens/s vs the memory-bandwidth ceiling")
     p.add_argument("-m", "--model", help="checkpoint folder")
@@ -425,6 +430,13 @@ def cmd_serve(args) -> int:
 
     model, tokenizer = _load(args)
     return serve(model, tokenizer, args)
+
+
+def cmd_bench_serve(args) -> int:
+    from .serve.cli import bench
+
+    args.load = _load
+    return bench(args)
 
 
 def cmd_eval(args) -> int:

@@ -57,3 +57,42 @@ def serve(model, tokenizer, args) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                 timeout_graceful_shutdown=args.shutdown_timeout)
     return 0
+
+
+def add_bench_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--random-config", choices=["tiny", "0.5b", "9.6b"], help="random weights of this shape "
+                   "(tokenizer: the bundled demo model's) instead of -m")
+    p.add_argument("--requests", type=int, default=64, help="requests per run (default 64)")
+    p.add_argument("--concurrency", default="1,8,32", help="comma-separated client concurrencies (default 1,8,32)")
+    p.add_argument("--max-tokens", type=int, default=32, help="output tokens per request (default 32)")
+    p.add_argument("--max-prefill-tokens", type=int, default=512)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+
+
+def bench(args) -> int:
+    import torch
+
+    from .bench import bench_serve, summary
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        concurrency = [int(c) for c in args.concurrency.split(",") if c]
+    except ValueError:
+        raise OptionsError(f"--concurrency must be comma-separated integers, got {args.concurrency!r}") from None
+    if args.random_config:
+        from .. import AutoTokenizer
+        from ..bench import random_config, random_model
+        from ..demo import DEMO_MODEL
+        from ..loading import resolve_device
+
+        if args.model:
+            raise OptionsError("give either -m/--model or --random-config, not both")
+        dtype = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        model = random_model(random_config(args.random_config), dtype, resolve_device(args.device))
+        tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    else:
+        model, tokenizer = args.load(args)
+    rows = bench_serve(model, tokenizer, args.requests, concurrency, args.max_tokens, args.max_prefill_tokens)
+    print(summary(rows))
+    return 0
