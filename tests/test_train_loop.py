@@ -11,6 +11,7 @@ import torch
 import qwenvl
 from qwenvl import cli
 from qwenvl.train.data import DataError
+from qwenvl.train import loop
 from qwenvl.train.loop import TrainArgs, train
 
 from conftest import CHECKPOINT, GOLDEN
@@ -53,7 +54,7 @@ def test_loss_falls_and_the_answer_is_memorized(data_file, tmp_path):
 
 
 def test_saved_checkpoint_reloads_to_identical_logits(data_file, tmp_path):
-    result = train(args(data_file, tmp_path / "out", max_steps=2))
+    result = train(args(data_file, tmp_path / "out", max_steps=2, save_dtype="fp32"))  # default: config.json's bf16
     trained = result["model"].eval()
     reloaded = qwenvl.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model", fp32=True, device_map="cpu")
     ids = torch.tensor([[9707, 11, 1879, 0, 220, 6388]])
@@ -63,11 +64,22 @@ def test_saved_checkpoint_reloads_to_identical_logits(data_file, tmp_path):
     assert set(os.listdir(tmp_path / "out" / "model")) == expected
 
 
-def test_resume_gives_the_identical_next_losses(data_file, tmp_path):
+def test_resume_gives_the_identical_next_losses(data_file, tmp_path, monkeypatch):
     straight = train(args(data_file, tmp_path / "a", max_steps=6, batch_size=1, save_every=3))["history"]
-    # a second run is cut after step 3: keep only its saved state, then resume it
-    train(args(data_file, tmp_path / "b", max_steps=6, batch_size=1, save_every=3))
-    shutil.rmtree(tmp_path / "b" / "model")
+    # a second run is cut by Ctrl-C in step 4, after the state of step 3 was saved; then it resumes
+    calls, forward = [], loop.forward_loss
+
+    def interrupted_in_step_4(*a, **k):  # one forward per step here
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return forward(*a, **k)
+
+    monkeypatch.setattr(loop, "forward_loss", interrupted_in_step_4)
+    with pytest.raises(KeyboardInterrupt, match="holds step 3"):
+        train(args(data_file, tmp_path / "b", max_steps=6, batch_size=1, save_every=3))
+    monkeypatch.setattr(loop, "forward_loss", forward)
+    assert not (tmp_path / "b" / "model").exists()
     resumed = train(args(data_file, tmp_path / "b", max_steps=6, batch_size=1, save_every=3, resume=True))["history"]
     assert [r["step"] for r in resumed] == list(range(1, 7))
     for a, b in zip(straight[3:], resumed[3:]):

@@ -232,20 +232,35 @@ def cmd_bench(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from .train.loop import TrainArgs, train
+    from .train import original_flags
+    from .train.data import DataError
+    from .train.loop import TrainArgs, TrainingInterrupted, train
 
+    original_flags.print_notes(original_flags.apply(args))
+    for dest, flags in (("model", "-m/--model (or --model_name_or_path)"), ("data", "--data (or --data_path)"),
+                        ("output", "--output (or --output_dir)")):
+        if getattr(args, dest) is None:
+            raise UsageError(f"qwenvl finetune needs {flags}")
     groups = tuple(g for g in args.train.split(",") if g) if args.train is not None else \
         (() if args.lora else ("resampler", "llm"))
-    train(TrainArgs(
-        model=args.model, data=args.data, output=args.output, eval_data=args.eval_data, train=groups,
-        stage=args.stage, lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout, lora_extra=tuple(e for e in args.lora_extra.split(",") if e),
-        image_size=args.image_size, max_len=args.max_len, pack=args.pack, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
-        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
-        precision=args.precision, gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every,
-        save_every=args.save_every, log_every=args.log_every, seed=args.seed, num_workers=args.num_workers,
-        resume=args.resume, device=args.device))
+    try:
+        train(TrainArgs(
+            model=args.model, data=args.data, output=args.output, eval_data=args.eval_data, train=groups,
+            stage=args.stage, lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout, lora_extra=tuple(e for e in args.lora_extra.split(",") if e),
+            lora_embeddings=args.lora_embeddings, image_size=args.image_size, max_len=args.max_len, pack=args.pack,
+            batch_size=args.batch_size, grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps,
+            lr=args.lr, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
+            warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, precision=args.precision,
+            gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every,
+            save_every=args.save_every, log_every=args.log_every, seed=args.seed, num_workers=args.num_workers,
+            resume=args.resume, device=args.device, sharding=args.sharding, save_dtype=args.save_dtype))
+    except DataError as e:  # every problem, each with its record's position and id
+        print(f"qwenvl: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as e:
+        print(f"qwenvl finetune: {e}", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -323,9 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("finetune", help="fine-tune on conversations in the official JSON/JSONL format")
-    p.add_argument("-m", "--model", required=True, help="checkpoint folder to start from")
-    p.add_argument("--data", required=True, help="training data (JSON list or JSONL of conversations)")
-    p.add_argument("--output", required=True, help="folder for the result (model/ or adapter/) and train_state/")
+    p.add_argument("-m", "--model", help="checkpoint folder to start from (required)")
+    p.add_argument("--data", help="training data (JSON list or JSONL of conversations; required)")
+    p.add_argument("--output", help="folder for the result (model/ or adapter/) and train_state/ (required)")
     p.add_argument("--eval-data", help="held-out conversations; the loss on them is logged every --eval-every steps")
     p.add_argument("--train", default=None, help="groups trained in full: any of vit,resampler,llm "
                    "(default resampler,llm; with --lora default none)")
@@ -336,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--lora-extra", default="", help="more LoRA targets: any of mlp.c_proj,vit,resampler")
+    p.add_argument("--lora-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --lora, also train wte and lm_head in full (the original's modules_to_save); "
+                   "default: on for a base checkpoint (no 'chat' in its folder name), off for a chat one")
     p.add_argument("--image-size", type=int, help="ViT input size (default: the checkpoint's, 448)")
     p.add_argument("--max-len", type=int, default=2048, help="longest sample in tokens (cut at turn boundaries)")
     p.add_argument("--pack", action="store_true", help="pack several samples per row, each isolated")
@@ -345,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--adam-beta1", type=float, default=0.9)
+    p.add_argument("--adam-beta2", type=float, default=0.95)
     p.add_argument("--warmup-ratio", type=float, default=0.01)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"],
@@ -357,6 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=2, help="image-loading worker processes")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/train_state")
     p.add_argument("--device", default="auto")
+    p.add_argument("--sharding", default="full", choices=["full", "grad-op"],
+                   help="under torchrun, FSDP shards parameters, gradients and optimizer state (full, like ZeRO-3) "
+                   "or gradients and optimizer state only (grad-op, like ZeRO-2)")
+    p.add_argument("--save-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="precision of the saved full model (auto: the dtype the checkpoint's config.json declares)")
+    from .train import original_flags
+    original_flags.add_arguments(p)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("bench-train", help="training tokens/s and peak memory per mode on random weights")

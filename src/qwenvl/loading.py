@@ -202,8 +202,10 @@ IGNORED_KWARGS = {"trust_remote_code", "low_cpu_mem_usage", "use_safetensors", "
 
 
 def from_pretrained(path, *, bf16: bool = False, fp16: bool = False, fp32: bool = False, torch_dtype=None,
-                    device_map=None, progress: bool | None = None, **kwargs) -> QWenLMHeadModel:
-    """Load an official Qwen-VL checkpoint folder; accepts the official keyword arguments."""
+                    device_map=None, progress: bool | None = None, adapter=None, **kwargs) -> QWenLMHeadModel:
+    """Load an official Qwen-VL checkpoint folder; accepts the official keyword arguments. `adapter`: a LoRA
+    adapter folder (PEFT's format, as `qwenvl finetune --lora` and the original's finetune.py write it) applied
+    on top and merged, as the original's AutoPeftModelForCausalLM + merge_and_unload."""
     unknown = sorted(set(kwargs) - IGNORED_KWARGS)
     if unknown:
         raise UnknownOptionError(f"from_pretrained got unknown keyword argument(s): {', '.join(unknown)}")
@@ -223,6 +225,9 @@ def from_pretrained(path, *, bf16: bool = False, fp16: bool = False, fp32: bool 
             replace_with_quantized(model, group_size)
     load_weights(model, files, dtype, device, progress)
     model.name_or_path = path
+    if adapter is not None:
+        from .train.adapters import attach_adapter
+        attach_adapter(model, adapter)
     pack_for_cpu(model)
     return model.eval()
 

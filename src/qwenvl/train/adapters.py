@@ -18,6 +18,7 @@ below would stay the same.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Iterable
@@ -44,6 +45,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"  # older PEFT versions (as the original's finetune.py may have used)
 TRAINED_WEIGHTS = "trained_weights.safetensors"  # groups trained fully alongside LoRA, official names
 SAVED_PREFIX = "base_model.model."  # PeftModel's prefix in adapter files
+# wte / lm_head trained beside LoRA on a base model: PEFT's modules_to_save, kept in the adapter file as the
+# original's finetune.py writes them (`base_model.model.transformer.wte.weight`)
+MODULES_TO_SAVE = {"transformer.wte.weight": "wte", "lm_head.weight": "lm_head"}
 
 # LoRA targets by name -> regexes of full module names. Full names, not PEFT's suffix lists: a suffix such as
 # "c_proj" or "mlp.c_proj" would also catch the ViT's `resblocks.{i}.mlp.c_proj`.
@@ -244,7 +248,9 @@ def _write_safetensors(tensors: dict, path: str, metadata: dict | None = None) -
 def save_adapter(model: nn.Module, directory, state_dict: dict | None = None) -> str:
     """Write the LoRA weights (`adapter_model.safetensors`) and `adapter_config.json` in PEFT's format; weights
     of fully trained (non-LoRA, requires_grad) parameters go to `trained_weights.safetensors` under their
-    official names. `state_dict` (e.g. gathered from FSDP shards) replaces `model.state_dict()`."""
+    official names, except wte and lm_head, which go beside the LoRA weights as PEFT's `modules_to_save`
+    (listed in the config), as the original's finetune.py saves them for a base model.
+    `state_dict` (e.g. gathered from FSDP shards) replaces `model.state_dict()`."""
     config = (getattr(model, "peft_config", None) or {}).get(ADAPTER)
     if config is None:
         raise ValueError("the model has no LoRA adapter to save; call add_lora first (or save the whole model "
@@ -257,8 +263,12 @@ def save_adapter(model: nn.Module, directory, state_dict: dict | None = None) ->
     if missing:
         raise ValueError(f"the state dict lacks {len(missing)} trained parameters, e.g. {missing[0]}")
     trained = {official_name(n): state[n] for n in trained_names}
+    saved = {n: trained.pop(n) for n in list(trained) if n in MODULES_TO_SAVE}
+    lora.update({SAVED_PREFIX + n: t for n, t in saved.items()})
     os.makedirs(directory, exist_ok=True)
     _write_safetensors(lora, os.path.join(directory, ADAPTER_WEIGHTS))
+    config = copy.deepcopy(config)
+    config.modules_to_save = [MODULES_TO_SAVE[n] for n in MODULES_TO_SAVE if n in saved] or None
     config.save_pretrained(directory)
     trained_path = os.path.join(directory, TRAINED_WEIGHTS)
     if trained:
@@ -324,6 +334,7 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     saved = _read_tensors(weights)
     if getattr(model, "peft_config", None):
         raise ValueError("the model already has LoRA adapters; load the adapter into a model without them")
+    config.modules_to_save = None  # their weights are in the file and are copied in below, under official names
     try:
         _inject(model, config)
     except ValueError as e:  # PEFT: no module matches target_modules
@@ -371,6 +382,16 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
 
 
 # ---- merging ----------------------------------------------------------------------------------------
+
+def attach_adapter(model: nn.Module, directory) -> nn.Module:
+    """`from_pretrained(base, adapter=directory)`: the adapter loaded and merged into the weights (an inference
+    model, as fast as the base); over an Int4 base it stays beside the quantized layers (Q-LoRA)."""
+    model.eval()
+    load_adapter(model, directory)
+    if not model.config.quantization_config:
+        merge_lora(model)
+    return model.eval()
+
 
 def merge_adapter(base_dir, adapter_dir, out_dir, dtype: torch.dtype | str | None = None) -> str:
     """Base checkpoint + adapter -> a full official-layout checkpoint in `out_dir` (weights, config, tokenizer).

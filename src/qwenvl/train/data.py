@@ -17,6 +17,7 @@ import bisect
 import functools
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,24 +64,30 @@ def load_records(path) -> list[dict]:
     """Read a JSON list or JSON Lines file (told apart by content) and check every record.
 
     Returns the records with roles normalized (`human` -> `user`, `gpt` -> `assistant`) and local image
-    references made absolute (relative ones are relative to the file's folder; URLs are kept). Raises
-    DataError listing every problem of the file.
+    references made absolute. A relative one is looked up in the working folder first (as the original's
+    finetune.py opens it), then in the data file's folder; when both hold a different file of that name, the
+    working folder's is used and one line on stderr says so. URLs are kept. Raises DataError listing every
+    problem of the file.
     """
     path = Path(path)
     items, problems = _read_items(path)
     folder = path.resolve().parent
-    records = []
+    records, ambiguous = [], []
     for position, item in enumerate(items):
         if item is _BROKEN_LINE:
             continue
-        record, record_problems = _check_record(item, folder)
+        record, record_problems, record_ambiguous = _check_record(item, folder)
         record_id = item.get("id") if isinstance(item, dict) else None
         problems += [f"record {position} (id {record_id!r}): {p}" for p in record_problems]
+        ambiguous += [f"record {position} (id {record_id!r}): {a}" for a in record_ambiguous]
         records.append(record)
     if not items and not problems:
         problems.append("the file holds no records")
     if problems:
         raise DataError(problems, source=path)
+    if ambiguous:
+        print(f"{path}: {len(ambiguous)} image path(s) name a file both in the working folder and beside the data "
+              f"file; the working folder's was used (as the original does), e.g. {ambiguous[0]}", file=sys.stderr)
     return records
 
 
@@ -122,25 +129,26 @@ def _read_items(path: Path) -> tuple[list, list[str]]:
     return items, problems
 
 
-def _check_record(record, folder: Path) -> tuple[dict | None, list[str]]:
-    """The normalized record and the problems found in it (without the `record N` prefix)."""
+def _check_record(record, folder: Path) -> tuple[dict | None, list[str], list[str]]:
+    """The normalized record, the problems found in it and its ambiguous image paths (without the `record N`
+    prefix)."""
     if not isinstance(record, dict):
-        return None, [f"is a JSON {type(record).__name__}, not an object with 'conversations'"]
-    problems = []
+        return None, [f"is a JSON {type(record).__name__}, not an object with 'conversations'"], []
+    problems, ambiguous = [], []
     out = dict(record)
     if "system" in record:
         if not isinstance(record["system"], str):
             problems.append(f"'system' is a {type(record['system']).__name__}, not text")
         else:
-            out["system"], text_problems = _check_text(record["system"], folder)
+            out["system"], text_problems = _check_text(record["system"], folder, ambiguous)
             problems += [f"system: {p}" for p in text_problems]
     turns = record.get("conversations")
     if turns is None:
-        return out, problems + ["has no 'conversations' list"]
+        return out, problems + ["has no 'conversations' list"], ambiguous
     if not isinstance(turns, list):
-        return out, problems + [f"'conversations' is a {type(turns).__name__}, not a list of turns"]
+        return out, problems + [f"'conversations' is a {type(turns).__name__}, not a list of turns"], ambiguous
     if not turns:
-        return out, problems + ["'conversations' is empty"]
+        return out, problems + ["'conversations' is empty"], ambiguous
     roles, out["conversations"] = [], []
     for j, turn in enumerate(turns):
         role, value = None, None
@@ -162,7 +170,7 @@ def _check_record(record, folder: Path) -> tuple[dict | None, list[str]]:
             elif not value.strip():
                 problems.append(f"turn {j} is empty")
             else:
-                value, text_problems = _check_text(value, folder)
+                value, text_problems = _check_text(value, folder, ambiguous)
                 problems += [f"turn {j}: {p}" for p in text_problems]
         roles.append(role)
         out["conversations"].append({**(turn if isinstance(turn, dict) else {}), "from": role, "value": value})
@@ -179,11 +187,12 @@ def _check_record(record, folder: Path) -> tuple[dict | None, list[str]]:
             break
     if roles[-1] == "user":
         problems.append("ends with a user turn (the last turn must be the assistant's answer, which is learned)")
-    return out, problems
+    return out, problems, ambiguous
 
 
-def _check_text(text: str, folder: Path) -> tuple[str, list[str]]:
-    """`text` with local image paths made absolute, and its tag problems (unclosed, stray, nested, no file)."""
+def _check_text(text: str, folder: Path, ambiguous: list[str]) -> tuple[str, list[str]]:
+    """`text` with local image paths made absolute, and its tag problems (unclosed, stray, nested, no file);
+    image paths found both in the working folder and in `folder` are added to `ambiguous`."""
     try:
         elements = split_tags(text, strict=True)
     except ValueError as e:
@@ -199,23 +208,31 @@ def _check_text(text: str, folder: Path) -> tuple[str, list[str]]:
             pieces.append(body)
             continue
         if name == "image":
-            body, problem = _resolve_image(body, folder)
+            resolved, problem, other = _resolve_image(body, folder)
             if problem:
                 problems.append(problem)
+            if other:
+                ambiguous.append(f"{body} -> {resolved}, not {other}")
+            body = resolved
         pieces.append(TAGS[name][0] + body + TAGS[name][1])
     return "".join(pieces), problems
 
 
-def _resolve_image(reference: str, folder: Path) -> tuple[str, str | None]:
+def _resolve_image(reference: str, folder: Path) -> tuple[str, str | None, str | None]:
+    """(absolute path, problem, the data folder's other file when the working folder's was chosen over it)."""
     if not reference.strip():
-        return reference, "empty image reference <img></img>"
+        return reference, "empty image reference <img></img>", None
     if reference.startswith(NOT_FILES):
-        return reference, None
-    local = reference[len("file://"):] if reference.startswith("file://") else reference
-    path = os.path.normpath(os.path.join(folder, os.path.expanduser(local)))
-    if not os.path.isfile(path):
-        return reference, f"image file not found: {path}"
-    return path, None
+        return reference, None, None
+    local = os.path.expanduser(reference[len("file://"):] if reference.startswith("file://") else reference)
+    here, beside = os.path.abspath(local), os.path.normpath(os.path.join(folder, local))
+    if os.path.isfile(here):
+        other = beside if os.path.isfile(beside) and not os.path.samefile(here, beside) else None
+        return here, None, other
+    if os.path.isfile(beside):
+        return beside, None, None
+    where = here if here == beside else f"{here} (working folder) nor {beside} (beside the data file)"
+    return reference, f"image file not found: {where}", None
 
 
 # ---- encoding and truncation ------------------------------------------------------------------------
@@ -439,7 +456,8 @@ class MicroBatchSampler(torch.utils.data.Sampler):
     """One process's micro-batches (index lists), optimizer step after step, from (epoch, step) onwards.
 
     A step takes `batch_size * grad_accum * world` samples of the epoch's seeded order; process `rank`
-    takes its contiguous share, cut into `grad_accum` micro-batches. Starting at a later (epoch, step)
+    takes its contiguous share, cut into `grad_accum` micro-batches. In one process, fewer samples than that
+    make one step of all of them per epoch (its last micro-batch short). Starting at a later (epoch, step)
     resumes a run without loading the samples before it.
     """
 
@@ -448,6 +466,8 @@ class MicroBatchSampler(torch.utils.data.Sampler):
         self.n, self.batch_size, self.grad_accum, self.seed, self.steps = n, batch_size, grad_accum, seed, steps
         self.rank, self.world, self.epoch, self.step_in_epoch = rank, world, epoch, step_in_epoch
         self.steps_per_epoch = n // (batch_size * grad_accum * world)
+        if self.steps_per_epoch == 0 and world == 1 and n > 0:
+            self.steps_per_epoch = 1  # one short step takes the whole epoch (the HF Trainer's way)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{n} samples are fewer than one global batch ({batch_size * grad_accum * world})")
 

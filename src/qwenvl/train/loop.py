@@ -7,13 +7,17 @@ losses however that batch is split over processes and micro-batches.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -23,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .. import loading
+from ..errors import CheckpointError, OptionsError
 from ..tokenizer import QWenTokenizer
 from ..model.qwen_vl import SharedRows
 from . import adapters, data
@@ -43,6 +48,7 @@ class TrainArgs:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_extra: tuple[str, ...] = ()
+    lora_embeddings: bool | None = None  # with LoRA, train wte and lm_head fully; None: yes on a base checkpoint
     image_size: int | None = None
     max_len: int = 2048
     pack: bool = False
@@ -64,6 +70,8 @@ class TrainArgs:
     num_workers: int = 2
     resume: bool = False
     device: str = "auto"
+    sharding: str = "full"  # under torchrun: "full" (ZeRO-3-like) or "grad-op" (ZeRO-2-like: parameters kept)
+    save_dtype: str = "auto"  # the saved full model: "auto" = the dtype its config.json declares
     keep_tied_rows: bool = False  # rows of wte / lm_head shared by all ids the data never has stay shared
     frozen: tuple[str, ...] = ()  # parameters (official names or their prefixes) kept frozen in any group
     deadline: float | None = None  # a time.time(): past it, save the state at the next step boundary and stop
@@ -133,60 +141,190 @@ def forward_loss(model, batch: dict, precision: str, device: torch.device,
     return out.loss
 
 
-def shard_model(model, dist_: Distributed) -> None:
-    """FSDP2: every decoder and ViT block its own unit, then the root; parameters and optimizer state sharded."""
+def shard_model(model, dist_: Distributed, sharding: str = "full") -> None:
+    """FSDP2: every decoder and ViT block its own unit, then the root; gradients and optimizer state sharded,
+    and parameters too ("full", like ZeRO-3) or gathered from forward to backward ("grad-op", like ZeRO-2)."""
     from torch.distributed.fsdp import fully_shard
 
+    if sharding not in SHARDINGS:
+        raise OptionsError(f"sharding must be one of {', '.join(SHARDINGS)}, got {sharding!r}")
     for block in list(model.transformer.h) + list(model.transformer.visual.transformer.resblocks):
-        fully_shard(block)
+        fully_shard(block, reshard_after_forward=sharding == "full")
     fully_shard(model)
     model.sync_vision = True
 
 
+# ---- the resumable state -----------------------------------------------------------------------------
+# train_state/ holds the model and optimizer (torch.distributed.checkpoint), trainer.pt (step, history, loss
+# scaler) and rng-<rank>.pt (random generators), all tensors and plain data: they are read back with
+# torch.load(weights_only=True), and DCP's pickled .metadata is checked first to hold nothing but DCP's own
+# records, so a planted state file is refused before anything in it runs.
+
+
+class TrainStateError(CheckpointError):
+    """A train_state folder that cannot be resumed from; the message names the file."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C ended the run; the message says which step the saved state holds."""
+
+
+def rng_state() -> dict:
+    """The random generators' states as tensors and plain numbers (nothing that needs unpickling code)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python_version": version, "python": torch.tensor(internal),
+             "python_gauss": gauss, "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_position": int(position),
+             "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(cached)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if isinstance(state["python"], tuple):  # a state saved before the generators were stored as tensors
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+    else:
+        random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
+        np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_position"],
+                             state["numpy_has_gauss"], state["numpy_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# numpy arrays, as random generator states held them before they were stored as tensors; rebuilding an array
+# runs no code of the file's choosing (torch.load's own allowlist mechanism)
+_NUMPY_ARRAYS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def read_plain(path: str, numpy_arrays: bool = False) -> dict:
+    """torch.load with weights_only=True: tensors and plain data only (and numpy arrays if asked); anything
+    else is refused unrun."""
+    if not os.path.isfile(path):
+        raise TrainStateError(f"{path} is missing: the saved state is incomplete; delete {os.path.dirname(path)} "
+                              "to start over")
+    try:
+        with torch.serialization.safe_globals(_NUMPY_ARRAYS if numpy_arrays else []):
+            value = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainStateError(f"{path} holds objects other than tensors and plain data, refused without running them "
+                              f"({reason[:200]}); it was not written by qwenvl finetune: delete "
+                              f"{os.path.dirname(path)} to start over") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise TrainStateError(f"{path} cannot be read ({e}); delete {os.path.dirname(path)} to start over") from None
+    if not isinstance(value, dict):
+        raise TrainStateError(f"{path} does not hold a training state")
+    return value
+
+
+# What DCP's .metadata pickle may construct: its own record classes, tensor shapes, dtypes and paths.
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint._extension")
+_PLAIN_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                  ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+                  ("pathlib", "PureWindowsPath"), ("builtins", "set"), ("builtins", "frozenset")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _PLAIN_GLOBALS or module.startswith("pathlib."):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+            return getattr(torch, name)
+        if module in _DCP_MODULES:
+            found = super().find_class(module, name)
+            if isinstance(found, type):  # records (dataclasses, enums), never a function
+                return found
+        raise pickle.UnpicklingError(f"it asks for {module}.{name}")
+
+
+def check_dcp_metadata(path: str) -> None:
+    metadata = os.path.join(path, ".metadata")
+    if not os.path.isfile(metadata):
+        raise TrainStateError(f"{metadata} is missing: the saved state is incomplete; delete {path} to start over")
+    try:
+        with open(metadata, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, AttributeError, ImportError, EOFError, TypeError, ValueError) as e:
+        raise TrainStateError(f"{metadata} is not a torch.distributed.checkpoint index ({e}); refused without "
+                              f"running it: delete {path} to start over") from None
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Ctrl-C inside the block waits for its end (then raises KeyboardInterrupt): a few renames finish whole."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+def settle_state_dir(path: str) -> None:
+    """Finish or undo what an interrupted save left: a swap cut between its two renames leaves the previous
+    state under .old (restored); a write cut short leaves .tmp (removed)."""
+    if not os.path.exists(path) and os.path.isdir(path + ".old"):
+        os.replace(path + ".old", path)
+    for leftover in (path + ".tmp", path + ".old"):
+        if os.path.exists(leftover):
+            shutil.rmtree(leftover)
+
+
 def save_state(path: str, model, optimizer, scaler, step: int, epoch: int, step_in_epoch: int, dist_: Distributed,
                args: TrainArgs) -> None:
-    """Everything an exact resume needs; model and optimizer through torch.distributed.checkpoint (sharded)."""
+    """Everything an exact resume needs; model and optimizer through torch.distributed.checkpoint (sharded).
+    Written to `path`.tmp, then swapped in whole: an interruption at any point leaves the previous state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     tmp = path + ".tmp"
-    if dist_.main and os.path.exists(tmp):
-        shutil.rmtree(tmp)
+    if dist_.main:
+        settle_state_dir(path)
     dist_.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     with warnings.catch_warnings():  # one process: DCP warns that it saves without a process group, as meant
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    torch.save(rng, os.path.join(tmp, f"rng-{dist_.rank}.pt"))
+    torch.save(rng_state(), os.path.join(tmp, f"rng-{dist_.rank}.pt"))
     if dist_.main:
-        trainer = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
+        trainer = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "world": dist_.world,
                    "scaler": scaler.state_dict() if scaler is not None else None,
-                   "history": args.history}
+                   "history": json.loads(json.dumps(args.history))}  # plain data, nothing to unpickle
         torch.save(trainer, os.path.join(tmp, "trainer.pt"))
     dist_.barrier()
     if dist_.main:
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)  # a crash while saving never leaves a half-written state under the real name
+        with interrupts_deferred():  # never left between the renames, whatever the moment of a Ctrl-C
+            if os.path.exists(path):
+                os.replace(path, path + ".old")
+            os.replace(tmp, path)
+            shutil.rmtree(path + ".old", ignore_errors=True)
     dist_.barrier()
 
 
 def load_state(path: str, model, optimizer, scaler, dist_: Distributed) -> dict:
+    """Resume from `path`; every file is checked before anything is applied."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    trainer = read_plain(os.path.join(path, "trainer.pt"))
+    rng = read_plain(os.path.join(path, f"rng-{dist_.rank}.pt"), numpy_arrays=True)
+    check_dcp_metadata(path)
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng = torch.load(os.path.join(path, f"rng-{dist_.rank}.pt"), weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    trainer = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
+    set_rng_state(rng)
     if scaler is not None and trainer["scaler"]:
         scaler.load_state_dict(trainer["scaler"])
     return trainer
@@ -318,7 +456,37 @@ def clip_gradients(trainable, max_norm: float, model, shared: SharedRows | None)
 
 
 def train(args: TrainArgs) -> dict:
-    """Run a fine-tuning job; returns {"history": [...], "output": path, "model": the trained model (one process)}."""
+    """Run a fine-tuning job; returns {"history": [...], "output": path, "model": the trained model (one process)}.
+    Ctrl-C ends it with TrainingInterrupted, whose message says which step OUTPUT/train_state holds (a save it
+    cut short leaves the previous state whole)."""
+    try:
+        return _train(args)
+    except TrainingInterrupted:
+        raise
+    except KeyboardInterrupt:
+        state_dir = os.path.join(args.output, "train_state")
+        saved = None
+        if int(os.environ.get("RANK", "0")) == 0:
+            settle_state_dir(state_dir)
+            if os.path.isfile(os.path.join(state_dir, "trainer.pt")):
+                saved = read_plain(os.path.join(state_dir, "trainer.pt"))["step"]
+        message = (f"interrupted; {state_dir} holds step {saved}: run again with --resume to continue from there"
+                   if saved is not None else "interrupted before any state was saved (--save-every N saves one "
+                   "every N steps)")
+        raise TrainingInterrupted(message) from None
+
+
+def is_base_checkpoint(path: str, generation_config) -> bool:
+    """The original's test (finetune.py): a checkpoint whose folder name lacks "chat" is a base model, which
+    never saw the ChatML tokens; so is one whose generation_config.json says chat_format "raw"."""
+    name = os.path.basename(os.path.normpath(os.path.abspath(path))).lower()
+    return generation_config.chat_format == "raw" or "chat" not in name
+
+
+EMBEDDINGS = ("transformer.wte.weight", "lm_head.weight")
+
+
+def _train(args: TrainArgs) -> dict:
     dist_ = Distributed(args.device)
     if args.stage is not None:
         preset = adapters.stage_settings(args.stage)
@@ -340,30 +508,55 @@ def train(args: TrainArgs) -> dict:
     if args.lora:  # adapters on the LLM; groups in args.train are trained in full beside them
         adapters.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                           extra=args.lora_extra)
+        if args.lora_embeddings is None:
+            args.lora_embeddings = is_base_checkpoint(args.model, model.generation_config) and \
+                not model.config.quantization_config  # the original's Q-LoRA never trains them
+            if args.lora_embeddings and dist_.main:
+                print("LoRA on a base checkpoint: wte and lm_head train in full too (the original's modules_to_save; "
+                      "--no-lora-embeddings turns that off)", file=sys.stderr)
     adapters.apply_freeze_plan(model, set(args.train))
+    if args.lora and args.lora_embeddings:
+        for name, p in model.named_parameters():
+            if name in EMBEDDINGS:
+                p.requires_grad_(True)
     freeze_named(model, args.frozen)
     if args.gradient_checkpointing:
         model.transformer.gradient_checkpointing = True
         model.transformer.visual.transformer.gradient_checkpointing = True
     if dist_.enabled:
-        shard_model(model, dist_)
+        shard_model(model, dist_, args.sharding)
 
     trainable, optimizer = build_optimizer(model, args)
     shared = keep_rows_tied(model, optimizer, dataset, dist_) if args.keep_tied_rows else None
     scaler = torch.amp.GradScaler(dist_.device.type) if args.precision == "fp16" else None
 
     global_batch = args.batch_size * args.grad_accum * dist_.world
+    if len(dataset) < global_batch:
+        if dist_.enabled:
+            raise OptionsError(f"{len(dataset)} training samples are fewer than one global batch ({global_batch} = "
+                             f"--batch-size x --grad-accum x {dist_.world} processes); lower --grad-accum")
+        # the HF Trainer's way: the epoch has fewer micro-batches than --grad-accum, so its one step takes them all
+        accumulated = math.ceil(len(dataset) / args.batch_size)
+        print(f"{len(dataset)} samples are fewer than one global batch ({global_batch}): each step accumulates the "
+              f"epoch's {accumulated} micro-batch(es), as the HF Trainer does", file=sys.stderr)
+        args.grad_accum, global_batch = accumulated, len(dataset)
     steps_per_epoch = len(dataset) // global_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} training samples are fewer than one global batch ({global_batch})")
     total = args.max_steps or max(1, int(steps_per_epoch * args.epochs))
     warmup = max(1, int(total * args.warmup_ratio)) if args.warmup_ratio > 0 else 0
     state_dir = os.path.join(args.output, "train_state")
     step, epoch, step_in_epoch = 0, 0, 0
-    if args.resume and os.path.exists(os.path.join(state_dir, "trainer.pt")):
-        trainer = load_state(state_dir, model, optimizer, scaler, dist_)
-        step, epoch, step_in_epoch, args.history = (trainer["step"], trainer["epoch"], trainer["step_in_epoch"],
-                                                    trainer["history"])
+    if args.resume:
+        if dist_.main:
+            settle_state_dir(state_dir)
+        dist_.barrier()
+        if os.path.exists(os.path.join(state_dir, "trainer.pt")):
+            trainer = load_state(state_dir, model, optimizer, scaler, dist_)
+            step, epoch, step_in_epoch, args.history = (trainer["step"], trainer["epoch"], trainer["step_in_epoch"],
+                                                        trainer["history"])
+        elif dist_.main:
+            print(f"--resume: nothing saved to resume from ({state_dir} "
+                  f"{'holds no trainer.pt' if os.path.isdir(state_dir) else 'does not exist'}); starting at step 1",
+                  file=sys.stderr)
     if dist_.main:
         os.makedirs(args.output, exist_ok=True)
         print(f"training {len(dataset)} samples ({dataset_counts(dataset)}), {total} steps of {global_batch}, "
@@ -408,7 +601,7 @@ def train(args: TrainArgs) -> dict:
         args.history.append(record)
         if step % max(1, args.log_every) == 0 or step == total:
             progress.log(step, record)
-        if args.save_every and step % args.save_every == 0 and step < total:
+        if args.save_every and (step % args.save_every == 0 or step == total):  # the final step too, as HF
             save_state(state_dir, model, optimizer, scaler, step, epoch, step_in_epoch, dist_, args)
         if args.deadline is not None and step < total and dist_.sum(float(time.time() >= args.deadline)) > 0:
             save_state(state_dir, model, optimizer, scaler, step, epoch, step_in_epoch, dist_, args)
@@ -421,6 +614,19 @@ def train(args: TrainArgs) -> dict:
         with open(os.path.join(args.output, "history.json"), "w", encoding="utf-8") as f:
             json.dump(args.history, f, indent=1)
     return {"history": args.history, "output": args.output, "model": None if dist_.enabled else model, "stopped": False}
+
+
+SHARDINGS = ("full", "grad-op")
+SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def saved_dtype(config, choice: str = "auto") -> torch.dtype:
+    """The dtype a full fine-tune stores: `choice`, or with "auto" the one config.json declares (float32 if none)."""
+    if choice != "auto":
+        if choice not in SAVE_DTYPES:
+            raise OptionsError(f"save_dtype must be auto or one of {', '.join(SAVE_DTYPES)}, got {choice!r}")
+        return SAVE_DTYPES[choice]
+    return torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
 
 
 def dataset_counts(dataset) -> str:
@@ -441,7 +647,9 @@ def save_outputs(model, args: TrainArgs, dist_: Distributed) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     if args.lora:
         adapters.save_adapter(model, tmp, state_dict=state)
-    else:
+    else:  # trained in float32; stored as config.json declares (bf16 for the published checkpoints)
+        dtype = saved_dtype(model.config, args.save_dtype)
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         loading.save_state_dict(state, model.config, model.generation_config, tmp)
         QWenTokenizer.from_pretrained(args.model).save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
