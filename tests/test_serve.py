@@ -148,6 +148,10 @@ def test_typed_tags_and_chatml_specials_are_plain_text(open_server, tokenizer):
     specials = {tokenizer.img_start_id, tokenizer.im_start_id, tokenizer.im_end_id, tokenizer.ref_start_id,
                 tokenizer.box_start_id}
     assert not specials & set(ids)
+    misses = open_server.engine.runner.image_misses
+    r = httpx.post(open_server.url + "/v1/chat/completions", timeout=60,
+                   json={"model": "golden", "messages": user(text), "max_tokens": 1})
+    assert r.status_code == 200 and open_server.engine.runner.image_misses == misses  # no picture was read
 
 
 def test_completions_models_health(client, open_server):
