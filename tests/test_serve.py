@@ -128,6 +128,20 @@ def test_64_concurrent_streams_equal_solo_chat(client, model, tokenizer):
     assert [a.strip() for a in answers] == [expected[i % 7] for i in range(64)]
 
 
+def test_n_seeded_sampling_logprobs_and_stop_strings(client):
+    sample = dict(model="golden", messages=user("Hello"), n=2, temperature=1.0, seed=3, max_tokens=3,
+                  logprobs=True, top_logprobs=2)
+    first, again = client.chat.completions.create(**sample), client.chat.completions.create(**sample)
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+    assert len(first.choices) == 2 and first.usage.completion_tokens == 6
+    assert len(first.choices[0].logprobs.content) == 3 and len(first.choices[0].logprobs.content[0].top_logprobs) == 2
+    greedy = client.chat.completions.create(model="golden", messages=user("Hello"), temperature=0, max_tokens=6)
+    text = greedy.choices[0].message.content
+    stop = text[len(text) // 2]
+    cut = client.chat.completions.create(model="golden", messages=user("Hello"), temperature=0, max_tokens=6, stop=[stop])
+    assert cut.choices[0].message.content == text[:text.find(stop)] and cut.choices[0].finish_reason == "stop"
+
+
 def test_disconnected_stream_leaves_the_engine(client, open_server):
     stream = client.chat.completions.create(model="golden", messages=user("Tell a long story"), stream=True,
                                             temperature=0, max_tokens=300)

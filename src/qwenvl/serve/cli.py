@@ -53,9 +53,15 @@ def serve(model, tokenizer, args) -> int:
     import uvicorn
 
     app = build(model, tokenizer, args)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGTERM / Ctrl-C: admit nothing more, let running streams finish
+            app.state.engine.accepting = False
+            super().handle_exit(sig, frame)
+
     print(f"qwenvl: serving on http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
-                timeout_graceful_shutdown=args.shutdown_timeout)
+    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                          timeout_graceful_shutdown=args.shutdown_timeout)).run()
     return 0
 
 

@@ -123,6 +123,7 @@ def build_app(engine: LLMEngine, tokenizer, settings: ServerSettings | None = No
         engine.stop()
 
     app = FastAPI(title="qwenvl", lifespan=lifespan)
+    app.state.engine = engine
 
     def error_response(e: APIError) -> JSONResponse:
         return JSONResponse(error_body(e.message, e.kind, e.param, e.status), status_code=e.status, headers=e.headers)
