@@ -104,3 +104,47 @@ def test_random_model_with_pixels_equals_generate():
                 for p, im in zip(prompts, pictures)]
     engine = LLMEngine(model, max_num_seqs=4, kv_cache_tokens=4 * 600, max_prefill_tokens=128)
     assert engine.generate(prompts, images=pictures, max_new_tokens=5, **GREEDY) == expected
+
+
+def _tiny_random_model():
+    config = random_config("tiny")
+    config.seq_length = 64
+    return random_model(config, torch.float32, torch.device("cpu"), seed=5)
+
+
+class BrokenPicture:
+    """Stands in for a picture whose pixels cannot be made."""
+    digest, size = b"broken", (1, 1)
+
+    @property
+    def pixels(self):
+        raise RuntimeError("cannot resize")
+
+
+def test_a_failing_request_fails_alone():
+    model = _tiny_random_model()
+    from qwenvl.engine import Picture
+    span = [model.config.visual.image_start_id] + [image_io.IMAGE_PAD_ID] * 256 + [model.config.visual.image_start_id + 1]
+    expected = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, **GREEDY)[0, 3:].tolist()
+    engine = LLMEngine(model, max_num_seqs=2, kv_cache_tokens=2 * 300)
+    good = engine.add_request([1, 2, 3], max_new_tokens=3, **GREEDY)
+    bad = engine.add_request([4] + span, images=[Picture(torch.zeros(3, 448, 448), 448)], max_new_tokens=3, **GREEDY)
+    bad.pictures = [BrokenPicture()]
+    engine.wait([good, bad])
+    assert bad.finish_reason == "error" and "cannot resize" in str(bad.error)
+    assert good.output == expected and engine.pool.available == 2
+
+
+def test_memory_stays_bounded_over_many_requests():
+    """Distinct pictures through a small feature cache, more requests than slots: nothing accumulates."""
+    model = _tiny_random_model()
+    span = [model.config.visual.image_start_id] + [image_io.IMAGE_PAD_ID] * 256 + [model.config.visual.image_start_id + 1]
+    engine = LLMEngine(model, max_num_seqs=3, kv_cache_tokens=3 * 300, image_cache_size=2)
+    generator = torch.Generator().manual_seed(0)
+    seqs = [engine.add_request([7, i] + span + [9], images=[torch.randn(3, 448, 448, generator=generator)],
+                               max_new_tokens=2, **GREEDY) for i in range(12)]
+    engine.wait(seqs)
+    assert all(s.finish_reason == "length" and s.features is None for s in seqs)
+    assert len(engine.runner.features) <= 2 and engine.runner.image_misses == 12
+    assert engine.num_running == engine.num_waiting == 0 and engine.pool.available == 3
+    assert len(engine.pool.cached) <= 3

@@ -137,20 +137,10 @@ class LLMEngine:
         for seq in admitted:
             self.stats["prompt_tokens"] += len(seq.prompt)
             self.stats["prefix_cache_tokens"] += seq.reused
-        chunks = []
-        try:
-            if admitted:
-                self.runner.encode(admitted)
-            chunks = scheduler.plan()
-            if chunks:
-                logits = self.runner.run(chunks)
-        except Exception as e:  # fails this step's sequences, not the engine
-            for seq in admitted + [c.seq for c in chunks]:
-                seq.error = e
-                scheduler.finish(seq, "error")
-                changed[seq.id] = (seq, [])
-            self._notify(changed)
-            return
+        self._encode(admitted, changed)
+        chunks = scheduler.plan()
+        logits = self._run(chunks, changed)
+        chunks = [c for c in chunks if not c.seq.finished]
         self.stats["steps"] += 1
         now = time.monotonic()
         row = 0
@@ -159,10 +149,13 @@ class LLMEngine:
             seq.computed = c.start + c.length
             if not c.sample:
                 continue
-            if seq.features is not None:
-                seq.features = None  # the prompt is in the cache now
-            token = self._sample(seq, logits[row:row + 1])
+            seq.features = None  # the prompt is in the cache now
             row += 1
+            try:
+                token = self._sample(seq, logits[row - 1:row])
+            except Exception as e:  # e.g. a sampling rule that breaks on these logits: this request only
+                self._fail(seq, e, changed)
+                continue
             seq.output.append(token)
             self.stats["generation_tokens"] += 1
             seq.first_token_at = seq.first_token_at or now
@@ -172,6 +165,40 @@ class LLMEngine:
             if reason:
                 scheduler.finish(seq, reason)
         self._notify(changed)
+
+    def _fail(self, seq: Sequence, error: BaseException, changed: dict) -> None:
+        seq.error = error
+        self.scheduler.finish(seq, "error")
+        changed[seq.id] = (seq, [])
+
+    def _encode(self, admitted: list[Sequence], changed: dict) -> None:
+        """Pictures of the admitted sequences in one batch; if that fails, each alone, failing only the culprits."""
+        if not admitted:
+            return
+        try:
+            self.runner.encode(admitted)
+        except Exception:
+            for seq in admitted:
+                try:
+                    self.runner.encode([seq])
+                except Exception as e:
+                    self._fail(seq, e, changed)
+
+    def _run(self, chunks: list, changed: dict) -> torch.Tensor | None:
+        """The step's logits; if the batch fails, each sequence runs alone and only the failing ones leave
+        (a rerun rewrites the same cache columns, so the others lose nothing)."""
+        if not chunks:
+            return None
+        try:
+            return self.runner.run(chunks)
+        except Exception:
+            pieces = []
+            for c in chunks:
+                try:
+                    pieces.append(self.runner.run([c]))
+                except Exception as e:
+                    self._fail(c.seq, e, changed)
+            return torch.cat(pieces) if pieces else None
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
         params = seq.params
