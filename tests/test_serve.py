@@ -217,4 +217,11 @@ def test_error_codes(strict_server):
         assert r.status_code == 429 and r.headers["Retry-After"] == "1"
     finally:
         strict_server.engine.max_queue = None
+    strict_server.engine.accepting = False
+    try:
+        r = _post(strict_server, body)
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+        assert httpx.get(strict_server.url + "/health").status_code == 503
+    finally:
+        strict_server.engine.accepting = True
     assert _post(strict_server, body).status_code == 200

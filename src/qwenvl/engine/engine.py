@@ -143,6 +143,8 @@ class LLMEngine:
         chunks = [c for c in chunks if not c.seq.finished]
         self.stats["steps"] += 1
         now = time.monotonic()
+        argmax = logits.float().argmax(-1).tolist() if logits is not None and any(  # one call for every plain greedy row
+            c.sample and self._plain_greedy(c.seq) for c in chunks) else None
         row = 0
         for c in chunks:
             seq = c.seq
@@ -152,7 +154,10 @@ class LLMEngine:
             seq.features = None  # the prompt is in the cache now
             row += 1
             try:
-                token = self._sample(seq, logits[row - 1:row])
+                token = argmax[row - 1] if argmax is not None and self._plain_greedy(seq) else \
+                    self._sample(seq, logits[row - 1:row])
+                if seq.logprobs is not None:
+                    self._logprobs(seq, logits[row - 1], token)
             except Exception as e:  # e.g. a sampling rule that breaks on these logits: this request only
                 self._fail(seq, e, changed)
                 continue
@@ -203,13 +208,20 @@ class LLMEngine:
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
         params = seq.params
         seen = torch.tensor([seq.tokens], device=logits.device) if params.repetition_penalty != 1.0 else None
-        token = int(next_tokens(logits, seen, params, seq.generator, len(seq.output))[0])
-        if seq.logprobs is not None:
-            logprobs = logits[0].float().log_softmax(-1)
-            top = logprobs.topk(seq.logprobs) if seq.logprobs else None
-            seq.token_logprobs.append((float(logprobs[token]), [] if top is None else
-                                       list(zip(top.indices.tolist(), top.values.tolist()))))
-        return token
+        return int(next_tokens(logits, seen, params, seq.generator, len(seq.output))[0])
+
+    @staticmethod
+    def _plain_greedy(seq: Sequence) -> bool:
+        params = seq.params
+        return not params.do_sample and params.repetition_penalty == 1.0 and \
+            (len(seq.output) >= params.min_new_tokens or not params.eos_token_id)
+
+    @staticmethod
+    def _logprobs(seq: Sequence, logits: torch.Tensor, token: int) -> None:
+        logprobs = logits.float().log_softmax(-1)
+        top = logprobs.topk(seq.logprobs) if seq.logprobs else None
+        seq.token_logprobs.append((float(logprobs[token]), [] if top is None else
+                                   list(zip(top.indices.tolist(), top.values.tolist()))))
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params

@@ -116,13 +116,13 @@ async def _turns(url: str, max_tokens: int) -> tuple[float, float]:
 
 
 def bench_serve(model, tokenizer, requests: int, concurrency: list[int], max_tokens: int, max_prefill_tokens: int,
-                pictures: int = 4) -> list[dict]:
+                pictures: int | None = None) -> list[dict]:
     from ..engine import LLMEngine
     from .openai_api import ServerSettings, build_app
 
     if requests < 1 or max_tokens < 1 or not concurrency or min(concurrency) < 1:
         raise OptionsError("--requests, --max-tokens and every --concurrency must be at least 1")
-    uris = [_picture_uri(i) for i in range(pictures)]
+    uris = [_picture_uri(i) for i in range(pictures or requests)]  # distinct: no prefix shared across requests
     per_seq = 300 + max_tokens + 32  # picture span, question, answer
     rows = []
     for seqs in (max(concurrency), 1):
