@@ -17,6 +17,7 @@ from .. import images as image_io
 from ..chat import DEFAULT_SYSTEM, _prepare, check_history, reply_ids
 from ..errors import OptionsError, QwenVLError, RequestError
 from ..generation import SamplingParams, _ends_with_stop, check_positions, next_tokens
+from ..model.language import ntk_alpha
 from .cache_pool import CachePool
 from .runner import ModelRunner
 from .scheduler import Scheduler
@@ -85,7 +86,6 @@ class LLMEngine:
                        logprobs=logprobs)
         config = self.model.config
         if config.use_dynamic_ntk:
-            from ..model.language import ntk_alpha
             seq.alpha = ntk_alpha(len(prompt), config.seq_length)
         if params.do_sample and params.seed is not None:
             seq.generator = torch.Generator(device=self.model.device).manual_seed(params.seed)

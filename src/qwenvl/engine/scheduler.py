@@ -30,13 +30,16 @@ class Scheduler:
 
     def admit(self) -> list[Sequence]:
         """Move waiting sequences into free slots, first come first served; returns the admitted."""
-        admitted = []
+        admitted, running = [], None
         while self.waiting and len(self.running) < self.max_num_seqs and self.pool.available:
             seq = self.waiting.popleft()
-            running = [(s.slot, s.key(self.span)[:s.computed], s.alpha) for s in self.running]
+            if running is None:  # what the running sequences hold, to copy a shared prefix from
+                running = [(s.slot, s.key(self.span)[:s.computed], s.alpha) for s in self.running if s.computed]
             key = seq.key(self.span)[:len(seq.prompt)]
             seq.slot, seq.reused = self.pool.acquire(key, seq.alpha, running, limit=len(seq.prompt) - 1)
             seq.computed = seq.reused
+            if seq.reused:
+                running.append((seq.slot, key[:seq.reused], seq.alpha))
             seq.status = Status.RUNNING
             self.running.append(seq)
             admitted.append(seq)
