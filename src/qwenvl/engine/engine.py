@@ -137,8 +137,10 @@ class LLMEngine:
         for seq in admitted:
             self.stats["prompt_tokens"] += len(seq.prompt)
             self.stats["prefix_cache_tokens"] += seq.reused
-        self._encode(admitted, changed)
         chunks = scheduler.plan()
+        # pictures of the sequences prefilled this step, together; later ones wait for their turn, so a
+        # crowd of new pictures does not stall the running streams
+        self._encode([c.seq for c in chunks if c.seq.pictures and c.seq.features is None], changed)
         logits = self._run(chunks, changed)
         chunks = [c for c in chunks if not c.seq.finished]
         self.stats["steps"] += 1
@@ -176,14 +178,14 @@ class LLMEngine:
         self.scheduler.finish(seq, "error")
         changed[seq.id] = (seq, [])
 
-    def _encode(self, admitted: list[Sequence], changed: dict) -> None:
-        """Pictures of the admitted sequences in one batch; if that fails, each alone, failing only the culprits."""
-        if not admitted:
+    def _encode(self, seqs: list[Sequence], changed: dict) -> None:
+        """Pictures of these sequences in one batch; if that fails, each alone, failing only the culprits."""
+        if not seqs:
             return
         try:
-            self.runner.encode(admitted)
+            self.runner.encode(seqs)
         except Exception:
-            for seq in admitted:
+            for seq in seqs:
                 try:
                     self.runner.encode([seq])
                 except Exception as e:

@@ -27,7 +27,7 @@ class ModelRunner:
     # ---- pictures ----------------------------------------------------------------------------------
 
     def encode(self, seqs: list[Sequence]) -> None:
-        """Features of every picture the admitted sequences still have to compute, the missing ones in one batch."""
+        """Features of every picture these sequences still have to compute, the missing ones in one batch."""
         needed = [(s, i) for s in seqs for i, column in enumerate(s.spans) if column + 1 + self.span > s.computed]
         missing: dict[bytes, torch.Tensor] = {}
         for s, i in needed:
