@@ -405,7 +405,7 @@ def build(out: str, work: str, n_train: int = 16000, steps: int = 1200, batch_si
                              max_steps=part["steps"], lr=part["lr"], warmup_ratio=0.03, weight_decay=0.01,
                              precision="bf16", log_every=20, seed=record["seed"] + part["stage"],
                              num_workers=num_workers, keep_tied_rows=True, save_every=200, frozen=FROZEN,
-                             resume=True, deadline=deadline)
+                             resume=True, deadline=deadline, save_dtype="fp32")  # bf16 only at the end
             finished = not train(args)["stopped"]
         record["seconds"][part["name"]] = record["seconds"].get(part["name"], 0) + time.time() - t0
         save_record()
