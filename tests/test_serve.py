@@ -1,8 +1,6 @@
 """`qwenvl serve` through the official openai SDK, on 127.0.0.1 at a free port, against solo `model.chat`."""
 import base64
 import concurrent.futures
-import socket
-import threading
 import time
 from pathlib import Path
 
@@ -15,6 +13,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from qwenvl.engine import LLMEngine  # noqa: E402
 from qwenvl.images import ImageLimits  # noqa: E402
 from qwenvl.serve.media import MediaPolicy  # noqa: E402
+from qwenvl.serve.bench import LocalServer  # noqa: E402
 from qwenvl.serve.openai_api import ServerSettings, build_app  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
@@ -27,33 +26,11 @@ def data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-class Server:
-    """uvicorn on a thread, stopped at the end of the test session."""
-
-    def __init__(self, app):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        sock.close()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def open_server(model, tokenizer):
     """Private URLs allowed (the test's image server is on 127.0.0.1), no API key."""
     engine = LLMEngine(model, max_num_seqs=64, kv_cache_tokens=64 * 400, max_prefill_tokens=512)
-    server = Server(build_app(engine, tokenizer, ServerSettings(
+    server = LocalServer(build_app(engine, tokenizer, ServerSettings(
         served_model_name="golden", media=MediaPolicy(allow_private_urls=True))))
     server.engine = engine
     yield server
@@ -64,7 +41,7 @@ def open_server(model, tokenizer):
 def strict_server(model, tokenizer):
     """Defaults for media, an API key, small image limits."""
     engine = LLMEngine(model, max_num_seqs=2, kv_cache_tokens=2 * 400)
-    server = Server(build_app(engine, tokenizer, ServerSettings(
+    server = LocalServer(build_app(engine, tokenizer, ServerSettings(
         served_model_name="golden", api_key="sekret", media=MediaPolicy(ImageLimits(max_pixels=200_000)))))
     server.engine = engine
     yield server

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import ImageError, OptionsError
+from .errors import ImageError, OptionsError, QwenVLError
 
 IMAGE_SPAN = 256  # positions between <img> and </img>
 IMAGE_PAD_ID = 151859
@@ -209,7 +209,7 @@ def _read_bytes(reference: str, limits: ImageLimits) -> bytes:
             raise ImageError(_too_many_bytes(f"the data URI {short_label(reference)}", len(raw), limits))
         return raw
     if reference.startswith(("http://", "https://")):
-        return _download(reference, limits)
+        return download(reference, limits)
     return _read_file(reference, limits)
 
 
@@ -246,24 +246,32 @@ def _read_file(reference: str, limits: ImageLimits) -> bytes:
     return raw
 
 
-def _download(url: str, limits: ImageLimits) -> bytes:
+def _plain_connection(parts, timeout: float, label: str) -> http.client.HTTPConnection:
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ImageError(f"cannot download image {label}: {parts.geturl()!r} is not an http(s) URL")
+    connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = connection_type(parts.hostname, parts.port, timeout=timeout)
+    connection.connect()
+    return connection
+
+
+def download(url: str, limits: ImageLimits, label: str | None = None, connect=_plain_connection,
+             too_large=None, timeout_hint: str = "raise it with --image-timeout or QWENVL_IMAGE_TIMEOUT") -> bytes:
     """GET `url` (following a few redirects): at most `limits.max_bytes`, all within `limits.timeout_s`.
 
     The deadline covers the whole download, not each read: a timer shuts the socket when it passes, so a
-    server that trickles one byte at a time (or stalls in its headers) cannot keep us waiting.
+    server that trickles one byte at a time (or stalls in its headers) cannot keep us waiting. `connect(parts,
+    timeout, label)` opens each hop's connection (the server's checks every address and redirect there);
+    `too_large(size)` makes the error for a body over the byte cap.
     """
-    label = short_label(url)
+    label = label or short_label(url)
+    too_large = too_large or (lambda size: ImageError(_too_many_bytes(f"the download {label}", size, limits)))
     deadline = time.monotonic() + limits.timeout_s
     for _ in range(MAX_REDIRECTS + 1):
         parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ImageError(f"cannot download image {label}: {url!r} is not an http(s) URL")
-        remaining = deadline - time.monotonic()
-        connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         connection = timer = None
         try:
-            connection = connection_type(parts.hostname, parts.port, timeout=max(remaining, 1e-3))
-            connection.connect()
+            connection = connect(parts, max(deadline - time.monotonic(), 1e-3), label)
             sock = connection.sock  # kept: the connection lets go of it once the response is under way
             timer = threading.Timer(max(deadline - time.monotonic(), 0.0), _shut, (sock,))
             timer.daemon = True
@@ -275,12 +283,12 @@ def _download(url: str, limits: ImageLimits) -> bytes:
             location = response.getheader("Location")
             if response.status in (301, 302, 303, 307, 308) and location:
                 url = urllib.parse.urljoin(url, location)
-                continue
+                continue  # the next hop is connected (and checked) like the first
             if response.status != 200:
                 raise ImageError(f"cannot download image {label}: HTTP {response.status} {response.reason}")
             declared = response.getheader("Content-Length", "")
             if declared.isdigit() and int(declared) > limits.max_bytes:
-                raise ImageError(_too_many_bytes(f"the download {label}", int(declared), limits))
+                raise too_large(int(declared))
             body, size = [], 0
             while True:
                 sock.settimeout(max(deadline - time.monotonic(), 1e-3))
@@ -289,19 +297,19 @@ def _download(url: str, limits: ImageLimits) -> bytes:
                     break
                 size += len(chunk)
                 if size > limits.max_bytes:
-                    raise ImageError(_too_many_bytes(f"the download {label}", size, limits))
+                    raise too_large(size)
                 body.append(chunk)
             if time.monotonic() >= deadline:
                 raise TimeoutError
             if response.length:  # the server closed before the Content-Length it announced
                 raise http.client.IncompleteRead(b"", response.length)
             return b"".join(body)
-        except ImageError:
+        except QwenVLError:
             raise
         except (http.client.HTTPException, OSError, ValueError) as e:
             if time.monotonic() >= deadline - 0.01:
                 raise ImageError(f"cannot download image {label}: not done within {limits.timeout_s:g} s "
-                                 "(raise it with --image-timeout or QWENVL_IMAGE_TIMEOUT)") from None
+                                 f"({timeout_hint})") from None
             raise ImageError(f"cannot download image {label}: {e or type(e).__name__}") from None
         finally:
             if timer is not None:

@@ -31,8 +31,10 @@ def _picture_uri(seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-class _Server:
-    def __init__(self, app):
+class LocalServer:
+    """The app under uvicorn on a thread, on a free port of 127.0.0.1 (the benchmark's and the tests' server)."""
+
+    def __init__(self, app, start_timeout: float = 60.0):
         import uvicorn
 
         sock = socket.socket()
@@ -42,7 +44,10 @@ class _Server:
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
+        deadline = time.monotonic() + start_timeout
         while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the server did not start on port {self.port}")
             time.sleep(0.05)
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -128,7 +133,7 @@ def bench_serve(model, tokenizer, requests: int, concurrency: list[int], max_tok
     for seqs in (max(concurrency), 1):
         engine = LLMEngine(model, max_num_seqs=seqs, kv_cache_tokens=seqs * per_seq,
                            max_prefill_tokens=max_prefill_tokens, max_queue=requests + 8)
-        server = _Server(build_app(engine, tokenizer, ServerSettings(served_model_name="bench")))
+        server = LocalServer(build_app(engine, tokenizer, ServerSettings(served_model_name="bench")))
         try:
             asyncio.run(_load(server.url, min(4, requests), 1, 2, uris))  # warm-up
             for c in concurrency:

@@ -17,8 +17,6 @@ import ipaddress
 import os
 import socket
 import ssl
-import threading
-import time
 import urllib.parse
 import warnings
 from dataclasses import dataclass, field
@@ -27,8 +25,6 @@ from PIL import Image
 
 from .. import images as image_io
 from ..errors import ImageError
-
-MAX_REDIRECTS = 5
 
 
 class MediaRefused(ImageError):
@@ -129,51 +125,18 @@ class MediaPolicy:
         return addresses[0]
 
     def _download(self, url: str, label: str) -> bytes:
-        deadline = time.monotonic() + self.limits.timeout_s
-        for _ in range(MAX_REDIRECTS + 1):
-            parts = urllib.parse.urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise MediaRefused(f"image url {label}: a redirect to {image_io.short_label(url)} is not http(s)")
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-            address = self.check_host(parts.hostname, port, label)
-            connection = _PinnedConnection(parts.scheme, parts.hostname, address, port,
-                                           max(deadline - time.monotonic(), 1e-3))
-            timer = threading.Timer(max(deadline - time.monotonic(), 0.0), connection.shut)
-            timer.daemon = True
-            timer.start()
-            try:
-                target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-                connection.request("GET", target, headers={"User-Agent": "qwenvl", "Accept": "image/*"})
-                response = connection.getresponse()
-                location = response.getheader("Location")
-                if response.status in (301, 302, 303, 307, 308) and location:
-                    url = urllib.parse.urljoin(url, location)
-                    continue  # checked again at the top
-                if response.status != 200:
-                    raise ImageError(f"cannot download image {label}: HTTP {response.status} {response.reason}")
-                declared = response.getheader("Content-Length", "")
-                if declared.isdigit() and int(declared) > self.limits.max_bytes:
-                    raise self._too_large(label, int(declared))
-                body, size = [], 0
-                while chunk := response.read1(1 << 16):
-                    size += len(chunk)
-                    if size > self.limits.max_bytes:
-                        raise self._too_large(label, size)
-                    body.append(chunk)
-                if time.monotonic() >= deadline:
-                    raise TimeoutError
-                return b"".join(body)
-            except ImageError:
-                raise
-            except (http.client.HTTPException, OSError, ValueError) as e:
-                if time.monotonic() >= deadline - 0.01:
-                    raise ImageError(f"cannot download image {label}: not done within {self.limits.timeout_s:g} s "
-                                     "(--image-fetch-timeout)") from None
-                raise ImageError(f"cannot download image {label}: {e or type(e).__name__}") from None
-            finally:
-                timer.cancel()
-                connection.close()
-        raise ImageError(f"cannot download image {label}: more than {MAX_REDIRECTS} redirects")
+        return image_io.download(url, self.limits, label, connect=self._connect,
+                                 too_large=lambda size: self._too_large(label, size), timeout_hint="--image-fetch-timeout")
+
+    def _connect(self, parts, timeout: float, label: str) -> http.client.HTTPConnection:
+        """Each hop, redirects included: http(s) only, to an address `check_host` allows, pinned to it."""
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise MediaRefused(f"image url {label}: a redirect to {image_io.short_label(parts.geturl())} is not http(s)")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        connection = _PinnedConnection(parts.scheme, parts.hostname, self.check_host(parts.hostname, port, label),
+                                       port, timeout)
+        connection.connect()
+        return connection
 
 
 class _PinnedConnection(http.client.HTTPConnection):
@@ -188,10 +151,3 @@ class _PinnedConnection(http.client.HTTPConnection):
         if self.scheme == "https":
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
         self.sock = sock
-
-    def shut(self) -> None:
-        if self.sock is not None:
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
