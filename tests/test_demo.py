@@ -227,6 +227,9 @@ def test_build_stopped_by_the_clock_resumes_to_the_same_model(tmp_path):
     assert not (tmp_path / "b").exists()
     with pytest.raises(ValueError, match="--resume"):  # a build in progress is never restarted by accident
         demo.build(out, work, **TINY_BUILD)
+    for bad in (dict(more_steps=0), dict(minutes=-1.0), dict(minutes=float("nan"))):  # refused before any work
+        with pytest.raises(ValueError, match="--more-steps|--minutes"):
+            demo.build(out, work, resume=True, **TINY_BUILD, **bad)
     second = demo.build(out, work, minutes=0, resume=True, **TINY_BUILD)  # stage 0 ends, stage 1, one step of 2
     assert not second["finished"] and (tmp_path / "b.work" / "stage1" / "model" / "config.json").exists()
     assert not (tmp_path / "b.work" / "stage2" / "model").exists()

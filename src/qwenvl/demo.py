@@ -347,6 +347,12 @@ def build(out: str, work: str, n_train: int = 16000, steps: int = 1200, batch_si
     returns {"finished": bool, "seconds": per part, "total_seconds": cumulative training time, "device"}."""
     from .train.loop import TrainArgs, train
 
+    for name, value in (("--steps", steps), ("--vision-steps", vision_steps), ("--more-steps", more_steps),
+                        ("--batch-size", batch_size), ("--n-train", n_train)):
+        if value < 1:
+            raise OptionsError(f"{name} must be at least 1, got {value}")
+    if minutes is not None and not minutes >= 0:
+        raise OptionsError(f"--minutes must be 0 or more, got {minutes}")
     out, work = Path(out), Path(work)
     deadline = time.time() + 60 * minutes if minutes is not None else None
     record_path = work / "build.json"
