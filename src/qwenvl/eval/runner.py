@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import OptionsError
 from . import tasks as T
 
 RUN_FILE = "run.json"
@@ -193,11 +194,11 @@ def evaluate(args: EvalArgs) -> dict | None:
     from ..tokenizer import QWenTokenizer
 
     if args.task not in T.TASKS:
-        raise ValueError(f"unknown task {args.task!r}; choose from {', '.join(T.TASKS)}")
+        raise OptionsError(f"unknown task {args.task!r}; choose from {', '.join(T.TASKS)}")
     if args.scorer not in ("fixed", "compat"):
-        raise ValueError(f"--scorer takes fixed or compat, not {args.scorer!r}")
+        raise OptionsError(f"--scorer takes fixed or compat, not {args.scorer!r}")
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, not {args.batch_size}")
+        raise OptionsError(f"--batch-size must be at least 1, not {args.batch_size}")
     task = T.TASKS[args.task]
     dist_ = Dist()
     out = args.out or os.path.join("eval_results", args.task)
@@ -224,7 +225,7 @@ def evaluate(args: EvalArgs) -> dict | None:
             previous = T.read_json(run_path)
             if previous.get("settings") != run:
                 changed = sorted(k for k in run if previous.get("settings", {}).get(k) != run[k])
-                raise ValueError(f"{out} holds predictions of a different run ({', '.join(changed)} differ): "
+                raise OptionsError(f"{out} holds predictions of a different run ({', '.join(changed)} differ): "
                                  "use another --out or delete it")
         with open(run_path + ".tmp", "w", encoding="utf-8") as f:
             json.dump({"settings": run, "world_size": dist_.world, "batch_size": args.batch_size}, f, indent=1)

@@ -382,7 +382,7 @@ def build_optimizer(model, args: TrainArgs):
     """AdamW over the trainable parameters; norms, biases and other vectors get no weight decay."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
-        raise ValueError("nothing to train: the freeze plan leaves every parameter frozen")
+        raise OptionsError("nothing to train: the freeze plan leaves every parameter frozen")
     groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
     return trainable, torch.optim.AdamW(groups, lr=args.lr, betas=args.betas)
@@ -398,7 +398,7 @@ def freeze_named(model, names) -> None:
                 found.add(wanted)
     missing = [n for n in names if n not in found]
     if missing:
-        raise ValueError(f"frozen names match no parameter: {', '.join(missing)}")
+        raise OptionsError(f"frozen names match no parameter: {', '.join(missing)}")
 
 
 def keep_rows_tied(model, optimizer, dataset, dist_: Distributed) -> SharedRows | None:
@@ -410,7 +410,7 @@ def keep_rows_tied(model, optimizer, dataset, dist_: Distributed) -> SharedRows 
 
     Returns the lm_head rows so shared, for the loss to skip (SharedRows), or None when there are none."""
     if dist_.enabled:
-        raise ValueError("keep_tied_rows works in one process only")
+        raise OptionsError("keep_tied_rows works in one process only")
     base = getattr(dataset, "dataset", dataset)
     never_fed = torch.ones(model.config.vocab_size, dtype=torch.bool)
     never_asked = torch.ones(model.config.vocab_size, dtype=torch.bool)
@@ -492,7 +492,7 @@ def _train(args: TrainArgs) -> dict:
         preset = adapters.stage_settings(args.stage)
         args.train, args.image_size = tuple(sorted(preset["train"])), args.image_size or preset["image_size"]
     if args.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {args.precision!r}")
+        raise OptionsError(f"precision must be one of {', '.join(PRECISIONS)}, got {args.precision!r}")
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
