@@ -14,7 +14,8 @@ from PIL import Image
 
 import qwenvl
 from qwenvl.config import QWenConfig, VisualConfig
-from qwenvl.images import IMAGE_PAD_ID, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageError, load_image, preprocess
+from qwenvl.images import (IMAGE_PAD_ID, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageError, load_image, preprocess,
+                           square_bicubic)
 from qwenvl.model.language import (MLP, Attention, RMSNorm, Rotary, Step, apply_rotary, logn_scale, ntk_alpha,
                                    rotate_half)
 from qwenvl.model.vision import ResamplerAttention, VisualAttention
@@ -104,8 +105,10 @@ def test_make_context_matches_original(tokenizer, case):
 # ---- each part on its own ---------------------------------------------------------------------------
 
 def reference_preprocess(picture: Image.Image) -> torch.Tensor:
-    """torchvision's Resize(448, BICUBIC) + ToTensor + Normalize, written out with PIL and numpy float32."""
-    rgb = picture.convert("RGB").resize((448, 448), Image.BICUBIC)
+    """torchvision's Resize(448, BICUBIC) + ToTensor + Normalize, written out with numpy float32.
+
+    The resize is Pillow 13's under any Pillow (test_square_bicubic_is_pillow_13s_under_any_pillow)."""
+    rgb = square_bicubic(picture.convert("RGB"), 448)
     x = np.asarray(rgb, dtype=np.float32) / np.float32(255)
     x = (x - np.array(OPENAI_CLIP_MEAN, dtype=np.float32)) / np.array(OPENAI_CLIP_STD, dtype=np.float32)
     return torch.from_numpy(x.transpose(2, 0, 1).copy())
@@ -117,6 +120,25 @@ def test_preprocess_is_bit_exact(name):
     got = preprocess(load_image(str(GOLDEN / "images" / name)), 448)
     assert got.dtype == torch.float32 and got.shape == (3, 448, 448)
     assert torch.equal(got, reference_preprocess(picture))
+
+
+# sha256[:16] of Pillow 13.0's bicubic resize of seeded noise to 448 and 224: the golden pixels are Pillow 13's,
+# and Pillow 10-12 give other bytes for tall pictures (a different pass order), so these pin the bytes themselves.
+PILLOW_13_DIGESTS = {
+    (300, 700): ("db31127acc66c993", "d3df924c42e76eaf"), (100, 900): ("80b07a7a99efa7f4", "df99969f2b51575d"),
+    (448, 1000): ("2cd9bf47109233f1", "c9d5a56263a23af7"), (1000, 448): ("8c34f70d38c63cd4", "efc616184a05e9d3"),
+    (64, 1500): ("a6c967ffc8714a1e", "35cdd05ffdae6a04"), (500, 520): ("d5ae4b1c3ea16d24", "a2a17f89509701ac"),
+    (37, 23): ("a03b0746d0ebb9d4", "4f936bb44b262f1c"), (2000, 700): ("e6942dd6178b548f", "a7e743fdd0cbd186"),
+}
+
+
+def test_square_bicubic_is_pillow_13s_under_any_pillow():
+    import hashlib
+    rng = np.random.default_rng(0)
+    for (w, h), want in PILLOW_13_DIGESTS.items():
+        noise = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        got = tuple(hashlib.sha256(square_bicubic(noise, s).tobytes()).hexdigest()[:16] for s in (448, 224))
+        assert got == want, (w, h)
 
 
 def test_preprocess_ignores_exif_rotation(tmp_path):
