@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import PIL
 from PIL import Image
 
 import qwenvl
@@ -139,6 +140,16 @@ def test_square_bicubic_is_pillow_13s_under_any_pillow():
         noise = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         got = tuple(hashlib.sha256(square_bicubic(noise, s).tobytes()).hexdigest()[:16] for s in (448, 224))
         assert got == want, (w, h)
+
+
+@pytest.mark.skipif(not PIL.__version__.startswith("13."), reason="Pillow's own pass order is 13's only under 13")
+def test_square_bicubic_is_pillow_13s_own_resize():
+    # near the order rule's boundary (600x752 horizontal first, 600x753 vertical first), up and down, past 100:1
+    rng = np.random.default_rng(1)
+    for w, h in [(600, 752), (600, 753), (5, 7), (61, 1001), (449, 452), (700, 64), (30, 3100), (2000, 10)]:
+        noise = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for s in (64, 448):
+            assert square_bicubic(noise, s).tobytes() == noise.resize((s, s), Image.BICUBIC).tobytes(), (w, h, s)
 
 
 def test_preprocess_ignores_exif_rotation(tmp_path):
