@@ -255,7 +255,7 @@ def test_invalid_sampling_parameters_are_named(model, tokenizer, bad, name):
 # ---- a scripted model: exact control over the tokens --------------------------------------------------------
 
 class ScriptedModel:
-    """Implements what generation needs (prefill, decode_step, device, config): each row emits its script's tokens."""
+    """Implements what generation needs (prefill, decode_step, agree, device, config): each row emits its script's tokens."""
 
     device = torch.device("cpu")
     generation_config = GenerationConfig()
@@ -279,6 +279,9 @@ class ScriptedModel:
 
     def decode_step(self, tokens, cache, rows):
         return self._logits(tokens.shape[0])
+
+    def agree(self, tokens):  # one process: nothing to agree on
+        return tokens
 
 
 def test_repetition_penalty_ignores_left_padding():

@@ -47,12 +47,18 @@ def available_memory(device: torch.device) -> int | None:
         return None
 
 
-def random_model(config: QWenConfig, dtype: torch.dtype, device: torch.device, seed: int = 0):
-    """A model with small random weights (speed does not depend on their values)."""
-    from .model import QWenLMHeadModel
+def random_model(config: QWenConfig, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                 tensor_parallel: bool = False):
+    """A model with small random weights (speed does not depend on their values). `tensor_parallel`: this
+    rank's share, under torchrun; the same seed on every rank keeps the replicated weights equal."""
+    from .model import QWenLMHeadModel, parallel
 
     with torch.device("meta"):
         model = QWenLMHeadModel(config)
+    if tensor_parallel:
+        group = parallel.join(cuda=device.type == "cuda")
+        device = group.device
+        parallel.shard_model(model, group)
     weights = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
     free = available_memory(device)
     if free is not None and weights * 1.3 + (1 << 30) > free:  # weights, packing, allocator slack, activations (measured)
@@ -155,4 +161,11 @@ def run(model, prompt_tokens: int = 64, decode_tokens: int = 32, repeats: int = 
     report(f"memory copy bandwidth         {bandwidth / 1e9:9.2f} GB/s")
     report(f"bandwidth ceiling             {ceiling:9.2f} tokens/s")
     report(f"fraction of ceiling           {result['fraction_of_ceiling'] * 100:9.1f} %")
+    if model.tp is not None:
+        from .model.parallel import decode_traffic
+        traffic = decode_traffic(config, model.tp.world, model.dtype.itemsize)
+        result.update(tensor_parallel=model.tp.world, traffic=traffic)
+        report(f"tensor parallel {model.tp.world} ranks: per decode step {traffic['all_reduces']} all-reduces x "
+               f"{traffic['all_reduce_bytes']:,} B + logits all-gather {traffic['all_gather_bytes']:,} B; "
+               f"each rank sends {traffic['sent_per_rank']:,} B (weights above are one rank's)")
     return result

@@ -30,6 +30,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 
 
+def _add_parallel_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split the model over N processes (one GPU each, or CPU cores with gloo); "
+                   "the ranks are started here, or by torchrun --nproc_per_node N")
+
+
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default="You are a helpful assistant.", help="system message")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: generation_config.json (512)")
@@ -77,8 +83,31 @@ def _load(args):
     args.model = args.model or default_model()
     dtype = {"auto": {}, "bf16": {"bf16": True}, "fp16": {"fp16": True}, "fp32": {"fp32": True}}[args.dtype]
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, device_map=args.device, **dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model, device_map=args.device, **dtype,
+                                                 tensor_parallel=getattr(args, "tensor_parallel_size", 1) > 1)
     return model, tokenizer
+
+
+def _launch_ranks(args) -> int | None:
+    """With --tensor-parallel-size N > 1 outside torchrun: run this command as N ranks, return its status."""
+    from .model.parallel import under_torchrun
+
+    size = args.tensor_parallel_size
+    if size < 1:
+        raise UsageError(f"--tensor-parallel-size must be at least 1, got {size}")
+    if size == 1:
+        return None
+    if under_torchrun():
+        if int(os.environ["WORLD_SIZE"]) != size:
+            raise UsageError(f"--tensor-parallel-size {size} but torchrun started {os.environ['WORLD_SIZE']} ranks")
+        return None
+    from .launch import relaunch
+    return relaunch(args.argv, size)
+
+
+def _is_follower(model) -> bool:
+    """A tensor-parallel rank other than 0: it computes along but prints nothing."""
+    return model.tp is not None and model.tp.rank != 0
 
 
 def _draw(response: str, history, out: str) -> tuple[bool, str]:
@@ -115,9 +144,14 @@ def cmd_generate(args) -> int:
         raise UsageError("--prompt is empty")
     _set_image_limits(args)
     _check_images(args.image)
+    status = _launch_ranks(args)
+    if status is not None:
+        return status
     model, tokenizer = _load(args)
     query = _query(tokenizer, args.image, args.prompt)
     response, history = model.chat(tokenizer, query, history=[], system=args.system, **_sampling_kwargs(args))
+    if _is_follower(model):
+        return 0
     drawn, status = _draw(response, history, args.draw) if args.draw else (False, None)
     if args.json:
         boxes = parse_boxes(response)
@@ -219,6 +253,9 @@ def cmd_bench(args) -> int:
         torch.set_num_threads(args.threads)
     if args.model and args.random_config:
         raise UsageError("give either -m/--model or --random-config, not both")
+    status = _launch_ranks(args)
+    if status is not None:
+        return status
     if args.model:
         model, _ = _load(args)
     else:
@@ -226,8 +263,11 @@ def cmd_bench(args) -> int:
         device = resolve_device(args.device)
         dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
                  "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-        model = bench.random_model(bench.random_config(args.random_config or "0.5b"), dtype, device)
-    bench.run(model, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats)
+        model = bench.random_model(bench.random_config(args.random_config or "0.5b"), dtype, device,
+                                   tensor_parallel=args.tensor_parallel_size > 1)
+    report = (lambda *a, **k: None) if _is_follower(model) else print
+    bench.run(model, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats,
+              report=report)
     return 0
 
 
@@ -314,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the question or instruction")
     p.add_argument("--draw", metavar="OUT.png", help="save the answer's boxes drawn on the (last) image")
     p.add_argument("--json", action="store_true", help="print the answer and its boxes as JSON")
+    _add_parallel_option(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat with images, streaming) on the engine")
@@ -335,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5, help="runs per figure; medians are reported")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    _add_parallel_option(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("finetune", help="fine-tune on conversations in the official JSON/JSONL format")
@@ -500,7 +542,9 @@ def cmd_eval_table(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # --tensor-parallel-size runs the same command again as each rank
     for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 locale: show '?' for what it cannot encode
         if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")

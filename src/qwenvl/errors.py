@@ -42,3 +42,8 @@ class OutputExistsError(OptionsError, FileExistsError):
 
 class RequestError(QwenVLError):
     """A prompt or conversation that cannot be run: too long, empty, or not in the expected shape."""
+
+
+class DistributedError(QwenVLError, RuntimeError):
+    """Tensor-parallel ranks out of step: a rank died, stalled past the collective timeout, or failed to join;
+    the message names the rank."""

@@ -197,7 +197,7 @@ def iter_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     with torch.inference_mode():
         logits, cache, rows = model.prefill(sequences, attention_mask, images, params.max_new_tokens)
         for step in range(params.max_new_tokens):
-            tokens = next_tokens(logits, sequences, params, generator, step)
+            tokens = model.agree(next_tokens(logits, sequences, params, generator, step))
             tokens = torch.where(done, torch.full_like(tokens, params.pad_token_id), tokens)
             yield tokens
             done |= torch.isin(tokens, eos)

@@ -14,6 +14,7 @@ import torch
 
 from .config import GenerationConfig, QWenConfig
 from .errors import CheckpointError, OptionsError, OutputExistsError, UnknownOptionError
+from .model import parallel
 from .model.language import pack_for_cpu
 from .model.quant import replace_with_quantized
 from .model.qwen_vl import QWenLMHeadModel
@@ -58,14 +59,15 @@ def check_shard_name(shard: str, index: str) -> None:
         raise CheckpointError(f"{index} names shard {shard!r}, which is not a file inside the checkpoint folder")
 
 
-def read_shard(file: str):
-    """Yield (name, tensor) of one weight file, lazily: safetensors memory-mapped, .bin mmapped when possible."""
+def read_shard(file: str, slices: bool = False):
+    """Yield (name, tensor) of one weight file, lazily: safetensors memory-mapped, .bin mmapped when possible.
+    `slices`: safetensors tensors come as slice objects, read only where indexed (tensor-parallel ranks)."""
     try:
         if file.endswith(".safetensors"):
             from safetensors import safe_open
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    yield name, f.get_slice(name) if slices else f.get_tensor(name)
             return
         try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -140,24 +142,31 @@ class _Progress:
 
 
 def load_weights(model: QWenLMHeadModel, files: list[str], dtype: torch.dtype, device: torch.device,
-                 progress: bool | None = None) -> None:
-    """Fill a meta-device model from weight files, checking every name and shape."""
+                 progress: bool | None = None, shards: "parallel.Shards | None" = None) -> None:
+    """Fill a meta-device model from weight files, checking every name and shape. `shards`: a tensor-parallel
+    rank's plan; shapes are checked against the full model's and only the rank's part is read."""
     expected = {name: p.shape for name, p in model.state_dict(keep_vars=True).items()}
+    if shards is not None:
+        with torch.device("meta"):
+            expected = {name: p.shape for name, p in QWenLMHeadModel(model.config).state_dict(keep_vars=True).items()}
     seen: set[str] = set()
     if progress is None:
         progress = sum(os.path.getsize(f) for f in files) > (1 << 30)
     bar = _Progress(len(files), "Loading checkpoint shards", progress)
     for n, file in enumerate(files, 1):
         tensors = {}
-        for name, tensor in read_shard(file):
+        for name, tensor in read_shard(file, slices=shards is not None):
             if tuple(name.split(".")[-2:]) in IGNORED_TAILS:
                 continue
             if name not in expected:
                 raise CheckpointError(f"{file} has a tensor the model does not know: {name} "
                                       "(is this a Qwen-VL checkpoint of this architecture?)")
-            if tuple(tensor.shape) != tuple(expected[name]):
-                raise CheckpointError(f"{file}: {name} has shape {tuple(tensor.shape)}, config.json implies "
+            shape = tuple(tensor.get_shape()) if hasattr(tensor, "get_shape") else tuple(tensor.shape)
+            if shape != tuple(expected[name]):
+                raise CheckpointError(f"{file}: {name} has shape {shape}, config.json implies "
                                       f"{tuple(expected[name])}")
+            if shards is not None:
+                tensor = shards.take(name, tensor)
             # int4 codes stay integers and their scales fp16, as GPTQ stores them
             keep = not tensor.is_floating_point() or name.endswith(".scales")
             tensors[name] = tensor.to(device=device, dtype=None if keep else dtype)
@@ -202,10 +211,12 @@ IGNORED_KWARGS = {"trust_remote_code", "low_cpu_mem_usage", "use_safetensors", "
 
 
 def from_pretrained(path, *, bf16: bool = False, fp16: bool = False, fp32: bool = False, torch_dtype=None,
-                    device_map=None, progress: bool | None = None, adapter=None, **kwargs) -> QWenLMHeadModel:
+                    device_map=None, progress: bool | None = None, adapter=None, tensor_parallel: bool = False,
+                    **kwargs) -> QWenLMHeadModel:
     """Load an official Qwen-VL checkpoint folder; accepts the official keyword arguments. `adapter`: a LoRA
     adapter folder (PEFT's format, as `qwenvl finetune --lora` and the original's finetune.py write it) applied
-    on top and merged, as the original's AutoPeftModelForCausalLM + merge_and_unload."""
+    on top and merged, as the original's AutoPeftModelForCausalLM + merge_and_unload. `tensor_parallel`: under
+    torchrun, this rank's share of the model (see model/parallel.py), on cuda:LOCAL_RANK or the CPU."""
     unknown = sorted(set(kwargs) - IGNORED_KWARGS)
     if unknown:
         raise UnknownOptionError(f"from_pretrained got unknown keyword argument(s): {', '.join(unknown)}")
@@ -223,7 +234,17 @@ def from_pretrained(path, *, bf16: bool = False, fp16: bool = False, fp32: bool 
         model = QWenLMHeadModel(config, generation_config)
         if group_size:
             replace_with_quantized(model, group_size)
-    load_weights(model, files, dtype, device, progress)
+    shards = None
+    if tensor_parallel:
+        if group_size or adapter is not None:
+            raise OptionsError("tensor_parallel=True runs float checkpoints only: for int4 use one process; "
+                               "merge an adapter first (qwenvl merge)")
+        parallel.check_sizes(config, int(os.environ.get("WORLD_SIZE", 1)))
+        group = parallel.join(cuda=device.type == "cuda")
+        device = group.device
+        parallel.shard_model(model, group)
+        shards = parallel.Shards(config, group.rank, group.world)
+    load_weights(model, files, dtype, device, progress, shards)
     model.name_or_path = path
     if adapter is not None:
         from .train.adapters import attach_adapter

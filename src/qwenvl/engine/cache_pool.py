@@ -25,8 +25,8 @@ def common_prefix(a: list, b: list) -> int:
 
 
 class CachePool:
-    def __init__(self, config: QWenConfig, slots: int, slot_len: int, dtype, device):
-        shape = (config.num_hidden_layers, slots, config.num_attention_heads, slot_len, config.head_dim)
+    def __init__(self, config: QWenConfig, slots: int, slot_len: int, dtype, device, heads: int | None = None):
+        shape = (config.num_hidden_layers, slots, heads or config.num_attention_heads, slot_len, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.slot_len = slot_len

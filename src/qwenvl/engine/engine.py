@@ -46,7 +46,7 @@ class LLMEngine:
                                f"{max_num_seqs} sequences: raise it or lower max_num_seqs")
         self.model = model
         self.span = config.visual.n_queries
-        self.pool = CachePool(config, max_num_seqs, slot_len, model.dtype, model.device)
+        self.pool = CachePool(config, max_num_seqs, slot_len, model.dtype, model.device, heads=model.local_heads)
         self.scheduler = Scheduler(self.pool, max_num_seqs, max_prefill_tokens, self.span)
         self.runner = ModelRunner(model, self.pool, image_cache_size)
         self.max_queue = max_queue
@@ -147,20 +147,29 @@ class LLMEngine:
         now = time.monotonic()
         argmax = logits.float().argmax(-1).tolist() if logits is not None and any(  # one call for every plain greedy row
             c.sample and self._plain_greedy(c.seq) for c in chunks) else None
-        row = 0
+        sampling = []
         for c in chunks:
-            seq = c.seq
-            seq.computed = c.start + c.length
-            if not c.sample:
-                continue
-            seq.features = None  # the prompt is in the cache now
-            row += 1
+            c.seq.computed = c.start + c.length
+            if c.sample:
+                c.seq.features = None  # the prompt is in the cache now
+                sampling.append(c.seq)
+        tokens, errors = [], {}
+        for row, seq in enumerate(sampling):
             try:
-                token = argmax[row - 1] if argmax is not None and self._plain_greedy(seq) else \
-                    self._sample(seq, logits[row - 1:row])
-                if seq.logprobs is not None:
-                    self._logprobs(seq, logits[row - 1], token)
+                tokens.append(argmax[row] if argmax is not None and self._plain_greedy(seq) else
+                              self._sample(seq, logits[row:row + 1]))
             except Exception as e:  # e.g. a sampling rule that breaks on these logits: this request only
+                errors[row] = e
+                tokens.append(-1)
+        if self.model.tp is not None and tokens:  # every rank continues with rank 0's tokens
+            tokens = self.model.agree(torch.tensor(tokens, device=self.model.device)).tolist()
+        for row, (seq, token) in enumerate(zip(sampling, tokens)):
+            try:
+                if token < 0:
+                    raise errors.get(row) or RuntimeError("sampling failed on tensor-parallel rank 0")
+                if seq.logprobs is not None:
+                    self._logprobs(seq, logits[row], token)
+            except Exception as e:
                 self._fail(seq, e, changed)
                 continue
             seq.output.append(token)

@@ -54,11 +54,14 @@ class Linear(nn.Linear):
             self.weight = nn.Parameter(self.weight.to_dense())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(x, self.bias)
+
+    def project(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.weight.is_mkldnn:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, bias, "none", [], "")
         if _ONEDNN_LINEAR and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled():
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, bias, "none", [], "")
+        return F.linear(x, self.weight, bias)
 
     def train(self, mode: bool = True):
         if mode:
@@ -150,20 +153,27 @@ def logn_scale(positions: torch.Tensor, seq_length: int) -> torch.Tensor:
 
 @dataclass
 class KVCache:
-    """Keys and values of every layer, preallocated: [layers, B, heads, max_len, head_dim]."""
+    """Keys and values of every layer, preallocated: k[layer] is [B, heads, max_len, head_dim]. One tensor for
+    all layers, or (a model spread over devices) one per layer, beside its block."""
 
-    k: torch.Tensor
-    v: torch.Tensor
+    k: torch.Tensor | list[torch.Tensor]
+    v: torch.Tensor | list[torch.Tensor]
     length: int = 0  # columns filled so far (same for every row: rows are left-padded)
 
     @classmethod
-    def allocate(cls, config: QWenConfig, batch: int, max_len: int, dtype, device) -> "KVCache":
-        shape = (config.num_hidden_layers, batch, config.num_attention_heads, max_len, config.head_dim)
+    def allocate(cls, config: QWenConfig, batch: int, max_len: int, dtype, device, heads: int | None = None,
+                 layer_devices: list | None = None) -> "KVCache":
+        """`heads`: this rank's heads under tensor parallel (default all)."""
+        shape = (batch, heads or config.num_attention_heads, max_len, config.head_dim)
+        if layer_devices is not None:
+            return cls([torch.empty(shape, dtype=dtype, device=d) for d in layer_devices],
+                       [torch.empty(shape, dtype=dtype, device=d) for d in layer_devices])
+        shape = (config.num_hidden_layers, *shape)
         return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
 
 @dataclass
@@ -200,9 +210,10 @@ class Attention(nn.Module):
             return self.c_proj(step.attend(step.layer, q, k, v).transpose(1, 2).reshape(b, t, -1))
         if step.cache is not None:
             end = step.start + t
-            step.cache.k[step.layer, :, :, step.start:end] = k
-            step.cache.v[step.layer, :, :, step.start:end] = v
-            k, v = step.cache.k[step.layer, :, :, :end], step.cache.v[step.layer, :, :, :end]
+            cache_k, cache_v = step.cache.k[step.layer], step.cache.v[step.layer]
+            cache_k[:, :, step.start:end] = k
+            cache_v[:, :, step.start:end] = v
+            k, v = cache_k[:, :, :end], cache_v[:, :, :end]
         if step.mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
         else:

@@ -107,6 +107,8 @@ class QWenLMHeadModel(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         # Set when the model is sharded (FSDP): every rank must run the vision tower, once, in every forward.
         self.sync_vision = False
+        self.tp = None  # the tensor-parallel group (model/parallel.py) when this is one rank's share
+        self.local_heads = config.num_attention_heads  # attention heads (and KV cache heads) on this rank
 
     @property
     def device(self) -> torch.device:
@@ -267,7 +269,7 @@ class QWenLMHeadModel(nn.Module):
         """Run the prompt into a fresh cache sized for `max_new_tokens` more; return the last logits [B, V]."""
         b, t = input_ids.shape
         rows = self.rows(input_ids, attention_mask)
-        cache = KVCache.allocate(self.config, b, t + max_new_tokens, self.dtype, self.device)
+        cache = KVCache.allocate(self.config, b, t + max_new_tokens, self.dtype, self.device, heads=self.local_heads)
         hidden = self.transformer.run_blocks(self.embed(input_ids, images), self.step(rows, 0, t, cache))
         cache.length = t
         return self.lm_head(hidden[:, -1]), cache, rows
@@ -280,6 +282,10 @@ class QWenLMHeadModel(nn.Module):
         hidden = self.transformer.run_blocks(x, self.step(rows, cache.length, 1, cache))
         cache.length += 1
         return self.lm_head(hidden[:, -1])
+
+    def agree(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Rank 0's sampled tokens on every tensor-parallel rank (unseeded sampling would drift apart)."""
+        return tokens if self.tp is None else self.tp.broadcast(tokens)
 
     # ---- generation and chat (see generation.py and chat.py) --------------------------------------
 
