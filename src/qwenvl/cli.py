@@ -336,7 +336,7 @@ def cmd_merge(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .serve.cli import add_bench_options as bench_serve_options, add_options as serve_options
+    from .serve.cli import add_bench_options as bench_serve_options, add_options as serve_options, add_web_options
 
     parser = argparse.ArgumentParser(prog="qwenvl", description="Run Qwen-VL models: chat, one-shot generation, benchmarks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -361,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     serve_options(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("web", help="the chat page in the browser: pictures, streaming answers, boxes drawn")
+    _add_model_options(p)
+    add_web_options(p)
+    p.set_defaults(func=cmd_web)
 
     p = sub.add_parser("bench-serve", help="serving throughput and latency: batching server vs one at a time")
     _add_model_options(p)
@@ -499,6 +504,13 @@ def cmd_serve(args) -> int:
 
     model, tokenizer = _load(args)
     return serve(model, tokenizer, args)
+
+
+def cmd_web(args) -> int:
+    from .serve.cli import serve
+
+    model, tokenizer = _load(args)
+    return serve(model, tokenizer, args, web=True)
 
 
 def cmd_bench_serve(args) -> int:

@@ -27,41 +27,87 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-fetch-timeout", type=float, default=10.0, help="seconds for one image download")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to finish running streams")
+    p.add_argument("--ui", action="store_true", help="also serve the chat page at /ui, on the same engine "
+                   "(needs the web extra); with --api-key the page asks for the key as its password")
 
 
-def build(model, tokenizer, args):
+def add_web_options(p: argparse.ArgumentParser) -> None:
+    """`qwenvl web`: the page alone; the engine and picture limits as `qwenvl serve` has them."""
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-num-seqs", type=int, default=8, help="answers decoded together (cache slots)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="KV cache pool size in tokens, shared by the slots (default max-num-seqs x 2048)")
+    p.add_argument("--max-image-bytes", type=int, default=32 << 20)
+    p.add_argument("--max-image-pixels", type=int, default=25_000_000)
+    p.add_argument("--max-images-per-request", type=int, default=8, help="pictures in one conversation")
+
+
+def _engine_and_media(model, args):
     from .. import images as image_io
     from ..engine import LLMEngine
     from .media import MediaPolicy
-    from .openai_api import ServerSettings, build_app
 
     if not 0 < args.port < 65536:
         raise OptionsError(f"--port must be in 1..65535, got {args.port}")
     engine = LLMEngine(model, max_num_seqs=args.max_num_seqs, kv_cache_tokens=args.kv_cache_tokens,
-                       max_prefill_tokens=args.max_prefill_tokens, image_cache_size=args.image_cache_size,
-                       max_queue=args.max_queue)
+                       max_prefill_tokens=getattr(args, "max_prefill_tokens", 512),
+                       image_cache_size=getattr(args, "image_cache_size", 64), max_queue=getattr(args, "max_queue", 256))
     limits = image_io.ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels,
-                                  timeout_s=args.image_fetch_timeout)
-    media = MediaPolicy(limits, args.allowed_local_media_path, args.allow_private_urls)
-    name = args.served_model_name or (args.model.rstrip("/").split("/")[-1] if args.model else "qwen-vl")
-    settings = ServerSettings(served_model_name=name, api_key=args.api_key, media=media,
+                                  timeout_s=getattr(args, "image_fetch_timeout", 10.0))
+    media = MediaPolicy(limits, getattr(args, "allowed_local_media_path", None),
+                        getattr(args, "allow_private_urls", False))
+    return engine, media
+
+
+def _model_name(args) -> str:
+    return getattr(args, "served_model_name", None) or \
+        (args.model.rstrip("/").split("/")[-1] if args.model else "qwen-vl")
+
+
+def _webui():
+    try:
+        from . import webui
+    except ImportError as e:
+        raise OptionsError(f"the web page needs gradio 6 ({e}): pip install 'qwenvl[web]'") from None
+    return webui
+
+
+def build(model, tokenizer, args):
+    from .openai_api import ServerSettings, build_app
+
+    webui = _webui() if args.ui else None
+    engine, media = _engine_and_media(model, args)
+    settings = ServerSettings(served_model_name=_model_name(args), api_key=args.api_key, media=media,
                               max_images_per_request=args.max_images_per_request)
-    return build_app(engine, tokenizer, settings)
+    app = build_app(engine, tokenizer, settings)
+    if webui is not None:
+        page = webui.WebPage(engine, tokenizer, settings.served_model_name, media, args.max_images_per_request)
+        webui.mount(app, page, "/ui", args.api_key)
+    return app
 
 
-def serve(model, tokenizer, args) -> int:
+def build_web(model, tokenizer, args):
+    webui = _webui()
+    engine, media = _engine_and_media(model, args)
+    return webui.web_app(engine, tokenizer, _model_name(args), media, args.max_images_per_request)
+
+
+def serve(model, tokenizer, args, web: bool = False) -> int:
     import uvicorn
 
-    app = build(model, tokenizer, args)
+    app = build_web(model, tokenizer, args) if web else build(model, tokenizer, args)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # SIGTERM / Ctrl-C: admit nothing more, let running streams finish
             app.state.engine.accepting = False
             super().handle_exit(sig, frame)
 
-    print(f"qwenvl: serving on http://{args.host}:{args.port}/v1", flush=True)
+    url = f"http://{args.host}:{args.port}"
+    print(f"qwenvl: the chat page on {url}/" if web else f"qwenvl: serving on {url}/v1" +
+          (f", the chat page on {url}/ui" if args.ui else ""), flush=True)
     Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                          timeout_graceful_shutdown=args.shutdown_timeout)).run()
+                          timeout_graceful_shutdown=getattr(args, "shutdown_timeout", 30.0))).run()
     return 0
 
 

@@ -69,7 +69,7 @@ class MediaPolicy:
                                 f"limit of {self.limits.max_pixels} (--max-image-pixels)")
         return image_io.open_image(raw, label, self.limits)
 
-    def _too_large(self, label: str, size: int) -> MediaTooLarge:
+    def too_large(self, label: str, size: int) -> MediaTooLarge:
         return MediaTooLarge(f"image {label} holds {size} bytes or more, over the server's limit of "
                              f"{self.limits.max_bytes} (--max-image-bytes)")
 
@@ -79,13 +79,13 @@ class MediaPolicy:
             raise ImageError(f"malformed data URI (no comma): {label}")
         is_base64 = header.endswith(";base64")
         if (len(payload) * 3 // 4 if is_base64 else len(payload)) > self.limits.max_bytes:
-            raise self._too_large(label, len(payload) * 3 // 4 if is_base64 else len(payload))
+            raise self.too_large(label, len(payload) * 3 // 4 if is_base64 else len(payload))
         try:
             raw = base64.b64decode(payload, validate=True) if is_base64 else urllib.parse.unquote_to_bytes(payload)
         except (binascii.Error, ValueError):
             raise ImageError(f"data URI with invalid base64: {label}") from None
         if len(raw) > self.limits.max_bytes:
-            raise self._too_large(label, len(raw))
+            raise self.too_large(label, len(raw))
         return raw
 
     def _local(self, url: str, label: str) -> bytes:
@@ -102,7 +102,7 @@ class MediaPolicy:
         except OSError:
             raise ImageError(f"image file not found: {label}") from None
         if size > self.limits.max_bytes:
-            raise self._too_large(label, size)
+            raise self.too_large(label, size)
         with open(resolved, "rb") as f:  # only once the checks passed, the shared loader's own checks aside
             return f.read(self.limits.max_bytes + 1)
 
@@ -126,7 +126,7 @@ class MediaPolicy:
 
     def _download(self, url: str, label: str) -> bytes:
         return image_io.download(url, self.limits, label, connect=self._connect,
-                                 too_large=lambda size: self._too_large(label, size), timeout_hint="--image-fetch-timeout")
+                                 too_large=lambda size: self.too_large(label, size), timeout_hint="--image-fetch-timeout")
 
     def _connect(self, parts, timeout: float, label: str) -> http.client.HTTPConnection:
         """Each hop, redirects included: http(s) only, to an address `check_host` allows, pinned to it."""

@@ -110,19 +110,22 @@ class Choice:
         return "stop" if self.stopped or self.seq.finish_reason in ("stop", "abort") else "length"
 
 
-def build_app(engine: LLMEngine, tokenizer, settings: ServerSettings | None = None) -> FastAPI:
-    settings = settings or ServerSettings()
-    builder = PromptBuilder(tokenizer, engine.model.generation_config.max_window_size)
-    metrics = Metrics(engine)
-
+def engine_lifespan(engine: LLMEngine):
+    """The app's lifespan: the engine's loop runs while the app serves (the API's and the web page's)."""
     @asynccontextmanager
     async def lifespan(app):
         engine.start()
         yield
         engine.accepting = False
         engine.stop()
+    return lifespan
 
-    app = FastAPI(title="qwenvl", lifespan=lifespan)
+
+def build_app(engine: LLMEngine, tokenizer, settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    builder = PromptBuilder(tokenizer, engine.model.generation_config.max_window_size)
+    metrics = Metrics(engine)
+    app = FastAPI(title="qwenvl", lifespan=engine_lifespan(engine))
     app.state.engine = engine
 
     def error_response(e: APIError) -> JSONResponse:

@@ -33,8 +33,8 @@ class PromptBuilder:
     def text(self, text: str, tags=()) -> list[int]:
         return self.tokenizer.encode(text, allowed_special=set(tags), disallowed_special=()) if text else []
 
-    def content(self, content, field: str, role: str) -> Prompt:
-        """A message's content: a string, or text and image_url parts."""
+    def content(self, content, field: str, role: str, first: int = 0) -> Prompt:
+        """A message's content: a string, or text and image_url parts (numbered from `first` + 1)."""
         if content is None:
             content = ""
         if isinstance(content, str):
@@ -45,7 +45,7 @@ class PromptBuilder:
                 if role != "user":
                     raise RequestError(f"{field}[{i}]: only user messages can hold images")
                 urls.append(part.image_url.url)
-                ids += self.text(pending + f"Picture {len(urls)}:") + self.span
+                ids += self.text(pending + f"Picture {first + len(urls)}:") + self.span
                 pending = "\n"
             else:
                 pending += part.text
@@ -56,8 +56,10 @@ class PromptBuilder:
         tk = self.tokenizer
         return Prompt([tk.im_start_id] + tk.encode(role) + self.nl + content.ids + [tk.im_end_id], content.urls)
 
-    def chat(self, messages: list[Message]) -> Prompt:
-        system_parts, turns = [], []
+    def chat(self, messages: list[Message], number_across_turns: bool = False) -> Prompt:
+        """With number_across_turns the pictures are numbered over the whole conversation, as the original web
+        demo does (old turns dropped by the window keep their numbers); else from 1 in each message."""
+        system_parts, turns, seen = [], [], 0
         for i, message in enumerate(messages):
             field = f"messages[{i}]"
             role = "system" if message.role == "developer" else message.role
@@ -70,7 +72,8 @@ class PromptBuilder:
             if role != expected:
                 raise RequestError(f"{field}.role: expected {expected!r} (user and assistant messages alternate, "
                                    f"starting with user), got {role!r}")
-            turns.append(self.content(message.content, f"{field}.content", role))
+            turns.append(self.content(message.content, f"{field}.content", role, seen if number_across_turns else 0))
+            seen += len(turns[-1].urls)
         if not turns or len(turns) % 2 == 0:
             raise RequestError("messages: the last message must be from the user")
         if system_parts:
