@@ -14,7 +14,7 @@ import torch
 
 from .config import GenerationConfig, QWenConfig
 from .errors import CheckpointError, OptionsError, OutputExistsError, UnknownOptionError
-from .model import parallel
+from .model import parallel, placement
 from .model.language import pack_for_cpu
 from .model.quant import replace_with_quantized
 from .model.qwen_vl import QWenLMHeadModel
@@ -141,10 +141,11 @@ class _Progress:
                   file=sys.stderr, flush=True)
 
 
-def load_weights(model: QWenLMHeadModel, files: list[str], dtype: torch.dtype, device: torch.device,
+def load_weights(model: QWenLMHeadModel, files: list[str], dtype: torch.dtype, device,
                  progress: bool | None = None, shards: "parallel.Shards | None" = None) -> None:
     """Fill a meta-device model from weight files, checking every name and shape. `shards`: a tensor-parallel
-    rank's plan; shapes are checked against the full model's and only the rank's part is read."""
+    rank's plan; shapes are checked against the full model's and only the rank's part is read. `device`: one
+    device, or a function of the tensor's name (a device_map)."""
     expected = {name: p.shape for name, p in model.state_dict(keep_vars=True).items()}
     if shards is not None:
         with torch.device("meta"):
@@ -169,7 +170,8 @@ def load_weights(model: QWenLMHeadModel, files: list[str], dtype: torch.dtype, d
                 tensor = shards.take(name, tensor)
             # int4 codes stay integers and their scales fp16, as GPTQ stores them
             keep = not tensor.is_floating_point() or name.endswith(".scales")
-            tensors[name] = tensor.to(device=device, dtype=None if keep else dtype)
+            target = device(name) if callable(device) else device
+            tensors[name] = tensor.to(device=target, dtype=None if keep else dtype)
             seen.add(name)
         model.load_state_dict(tensors, strict=False, assign=True)
         del tensors
@@ -211,12 +213,14 @@ IGNORED_KWARGS = {"trust_remote_code", "low_cpu_mem_usage", "use_safetensors", "
 
 
 def from_pretrained(path, *, bf16: bool = False, fp16: bool = False, fp32: bool = False, torch_dtype=None,
-                    device_map=None, progress: bool | None = None, adapter=None, tensor_parallel: bool = False,
-                    **kwargs) -> QWenLMHeadModel:
+                    device_map=None, max_memory=None, progress: bool | None = None, adapter=None,
+                    tensor_parallel: bool = False, **kwargs) -> QWenLMHeadModel:
     """Load an official Qwen-VL checkpoint folder; accepts the official keyword arguments. `adapter`: a LoRA
     adapter folder (PEFT's format, as `qwenvl finetune --lora` and the original's finetune.py write it) applied
     on top and merged, as the original's AutoPeftModelForCausalLM + merge_and_unload. `tensor_parallel`: under
-    torchrun, this rank's share of the model (see model/parallel.py), on cuda:LOCAL_RANK or the CPU."""
+    torchrun, this rank's share of the model (see model/parallel.py), on cuda:LOCAL_RANK or the CPU.
+    `device_map`: a device, "auto", or {module: device}; "auto" with GPUs or `max_memory` ({0: "20GiB", "cpu":
+    ...}) spreads the decoder blocks over the devices (see model/placement.py)."""
     unknown = sorted(set(kwargs) - IGNORED_KWARGS)
     if unknown:
         raise UnknownOptionError(f"from_pretrained got unknown keyword argument(s): {', '.join(unknown)}")
@@ -228,8 +232,13 @@ def from_pretrained(path, *, bf16: bool = False, fp16: bool = False, fp32: bool 
         raise CheckpointError(f"cannot read the config files of {path}: {e}") from None
     group_size = quantization(config, path)
     files = weight_files(path)
-    device = resolve_device(device_map)
+    placed, device = _placement(config, device_map, max_memory, tensor_parallel)
     dtype = resolve_dtype(config, device, torch_dtype, bf16, fp16, fp32)
+    if placed == "auto":
+        placed = {name: torch.device(d) for name, d in placement.plan(config, dtype, placement.available(max_memory)).items()}
+        device = placed["lm_head"]
+        if len(set(placed.values())) == 1:  # it all fits on one device
+            placed = None
     with torch.device("meta"):
         model = QWenLMHeadModel(config, generation_config)
         if group_size:
@@ -244,13 +253,36 @@ def from_pretrained(path, *, bf16: bool = False, fp16: bool = False, fp32: bool 
         device = group.device
         parallel.shard_model(model, group)
         shards = parallel.Shards(config, group.rank, group.world)
-    load_weights(model, files, dtype, device, progress, shards)
+    target = device if placed is None else (lambda name: placement.device_of(placed, name))
+    load_weights(model, files, dtype, target, progress, shards)
+    model.hf_device_map = {"": str(device)}
+    if placed is not None:
+        model.transformer.layer_devices = [placed[f"transformer.h.{i}"] for i in range(config.num_hidden_layers)]
+        model.hf_device_map = {name: str(d) for name, d in placed.items()}
+        placement.describe(placed, config)
     model.name_or_path = path
     if adapter is not None:
         from .train.adapters import attach_adapter
         attach_adapter(model, adapter)
     pack_for_cpu(model)
     return model.eval()
+
+
+def _placement(config: QWenConfig, device_map, max_memory, tensor_parallel: bool):
+    """(None, the device) for one device; (placement, head device) for an explicit map; ("auto", a device
+    for the dtype) when the blocks are to be planned."""
+    if max_memory is not None and device_map != "auto":
+        raise OptionsError("max_memory goes with device_map='auto'")
+    explicit = isinstance(device_map, dict) and set(device_map) != {""}
+    auto = device_map == "auto" and (max_memory is not None or torch.cuda.is_available())
+    if (explicit or max_memory is not None) and tensor_parallel:
+        raise OptionsError("tensor_parallel=True places each rank on its own device: drop device_map / max_memory")
+    if explicit:
+        placed = placement.check_map(config, device_map, resolve_device)
+        return placed, placed["lm_head"]
+    if auto and not tensor_parallel:
+        return "auto", torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return None, resolve_device(device_map)
 
 
 TOKENIZER_FILES = ("qwen.tiktoken", "tokenizer_config.json")

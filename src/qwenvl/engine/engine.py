@@ -44,6 +44,9 @@ class LLMEngine:
         if slot_len < 2:
             raise OptionsError(f"kv_cache_tokens={kv_cache_tokens} leaves {slot_len} tokens for each of the "
                                f"{max_num_seqs} sequences: raise it or lower max_num_seqs")
+        if len(set(model.transformer.layer_devices or [])) > 1:
+            raise OptionsError("the engine runs a model on one device; this one is spread by a device_map "
+                               f"({model.hf_device_map}): load it on one device, or use tensor parallel")
         self.model = model
         self.span = config.visual.n_queries
         self.pool = CachePool(config, max_num_seqs, slot_len, model.dtype, model.device, heads=model.local_heads)

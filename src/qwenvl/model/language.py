@@ -7,7 +7,7 @@ computes alone.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -189,6 +189,11 @@ class Step:
     layer: int = 0
     # the engine's attention over its own cache pool: (layer, q, k, v) [1, H, N, D] -> [1, H, N, D]
     attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    def to(self, device) -> "Step":
+        """The tables on another device (the next blocks' under a device_map); the cache is already there."""
+        move = lambda t: None if t is None else t.to(device)
+        return replace(self, cos=move(self.cos), sin=move(self.sin), logn=move(self.logn), mask=move(self.mask))
 
 
 class Attention(nn.Module):

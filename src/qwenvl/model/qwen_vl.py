@@ -87,15 +87,19 @@ class QWenModel(nn.Module):
         self.visual = VisionTower(config.visual)
         self.rotary = Rotary(config.rotary_dim, config.rotary_emb_base)
         self.gradient_checkpointing = False
+        self.layer_devices: list[torch.device] | None = None  # each block's device under a device_map (placement.py)
 
     def run_blocks(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        devices = self.layer_devices
         for i, block in enumerate(self.h):
+            if devices is not None and (i == 0 or devices[i] != devices[i - 1]):
+                x, step = x.to(devices[i]), step.to(devices[i])
             step.layer = i
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, step, use_reentrant=False)
             else:
                 x = block(x, step)
-        return self.ln_f(x)
+        return self.ln_f(x.to(self.ln_f.weight.device))
 
 
 class QWenLMHeadModel(nn.Module):
@@ -269,7 +273,8 @@ class QWenLMHeadModel(nn.Module):
         """Run the prompt into a fresh cache sized for `max_new_tokens` more; return the last logits [B, V]."""
         b, t = input_ids.shape
         rows = self.rows(input_ids, attention_mask)
-        cache = KVCache.allocate(self.config, b, t + max_new_tokens, self.dtype, self.device, heads=self.local_heads)
+        cache = KVCache.allocate(self.config, b, t + max_new_tokens, self.dtype, self.device, heads=self.local_heads,
+                                 layer_devices=self.transformer.layer_devices)
         hidden = self.transformer.run_blocks(self.embed(input_ids, images), self.step(rows, 0, t, cache))
         cache.length = t
         return self.lm_head(hidden[:, -1]), cache, rows
