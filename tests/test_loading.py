@@ -290,7 +290,7 @@ def test_missing_vocabulary_for_the_tokenizer(tmp_path):
         qwenvl.AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
 
 
-@pytest.mark.parametrize("scheme", [{"quant_method": "awq", "bits": 4}, {"quant_method": "gptq", "bits": 8}])
+@pytest.mark.parametrize("scheme", [{"quant_method": "awq", "bits": 4}, {"quant_method": "gptq", "bits": 3}])
 def test_unsupported_quantization_is_refused(tmp_path, scheme):
     folder = copy_meta(tmp_path / "ckpt")
     config = json.loads((folder / "config.json").read_text())

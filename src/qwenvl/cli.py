@@ -319,8 +319,8 @@ def cmd_quantize(args) -> int:
     from .quantize import quantize_checkpoint
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    quantize_checkpoint(args.model, args.out, group_size=args.group_size, dtype=dtype)
-    print(f"wrote the int4 checkpoint {args.out}", file=sys.stderr)
+    quantize_checkpoint(args.model, args.out, group_size=args.group_size, dtype=dtype, bits=args.bits)
+    print(f"wrote the int{args.bits} checkpoint {args.out}", file=sys.stderr)
     return 0
 
 
@@ -442,10 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_bench_train)
 
-    p = sub.add_parser("quantize", help="write an int4 (GPTQ-format, round-to-nearest) copy of a checkpoint")
+    p = sub.add_parser("quantize", help="write an int4 or int8 (GPTQ-format, round-to-nearest) copy of a checkpoint")
     p.add_argument("-m", "--model", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    p.add_argument("--group-size", type=int, default=None, help="inputs per scale (default 128 for int4, "
+                   "-1 = one scale per output for int8)")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"], help="precision of the unquantized parts")
     p.set_defaults(func=cmd_quantize)
 

@@ -182,20 +182,20 @@ def load_weights(model: QWenLMHeadModel, files: list[str], dtype: torch.dtype, d
         raise CheckpointError(f"the checkpoint lacks {len(missing)} tensors the model needs: {shown}")
 
 
-def quantization(config: QWenConfig, path: str) -> int | None:
-    """The group size of a GPTQ int4 checkpoint (SPEC 8), None for a float one; other schemes are refused."""
+def quantization(config: QWenConfig, path: str) -> tuple[int, int] | None:
+    """(bits, group size) of a GPTQ 4- or 8-bit checkpoint (SPEC 8), None for a float one; others are refused."""
     q = config.quantization_config
     if not q:
         return None
     method, bits = q.get("quant_method", "gptq"), q.get("bits", 4)
-    if method != "gptq" or bits != 4:
+    if method != "gptq" or bits not in (4, 8):
         raise CheckpointError(f"{path}/config.json: quantization {method} with {bits} bits is not supported "
-                              "(only GPTQ 4-bit, as Qwen-VL-Chat-Int4)")
+                              "(only GPTQ 4-bit, as Qwen-VL-Chat-Int4, and GPTQ 8-bit)")
     group_size = q.get("group_size", 128)
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise CheckpointError(f"{path}/config.json: quantization_config.group_size must be a positive integer, "
-                              f"got {group_size!r}")
-    return group_size
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size < 1 and group_size != -1):
+        raise CheckpointError(f"{path}/config.json: quantization_config.group_size must be a positive integer "
+                              f"or -1, got {group_size!r}")
+    return bits, group_size
 
 
 def check_folder(path) -> str:
@@ -230,7 +230,7 @@ def from_pretrained(path, *, bf16: bool = False, fp16: bool = False, fp32: bool 
         generation_config = GenerationConfig.from_json(os.path.join(path, "generation_config.json"))
     except (OSError, UnicodeDecodeError) as e:  # an unreadable config file is a broken checkpoint
         raise CheckpointError(f"cannot read the config files of {path}: {e}") from None
-    group_size = quantization(config, path)
+    quantized = quantization(config, path)
     files = weight_files(path)
     placed, device = _placement(config, device_map, max_memory, tensor_parallel)
     dtype = resolve_dtype(config, device, torch_dtype, bf16, fp16, fp32)
@@ -241,11 +241,11 @@ def from_pretrained(path, *, bf16: bool = False, fp16: bool = False, fp32: bool 
             placed = None
     with torch.device("meta"):
         model = QWenLMHeadModel(config, generation_config)
-        if group_size:
-            replace_with_quantized(model, group_size)
+        if quantized:
+            replace_with_quantized(model, quantized[1], bits=quantized[0])
     shards = None
     if tensor_parallel:
-        if group_size or adapter is not None:
+        if quantized or adapter is not None:
             raise OptionsError("tensor_parallel=True runs float checkpoints only: for int4 use one process; "
                                "merge an adapter first (qwenvl merge)")
         parallel.check_sizes(config, int(os.environ.get("WORLD_SIZE", 1)))

@@ -6,6 +6,7 @@ computes alone.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -27,6 +28,16 @@ def _onednn_linear_available() -> bool:
 _ONEDNN_LINEAR = _onednn_linear_available()
 
 
+@functools.lru_cache(maxsize=None)
+def _onednn_bf16_reorder() -> bool:
+    """oneDNN's bf16 reorder needs AVX512-BF16-class CPUs (avx512bw/vl/dq or avx_ne_convert); AVX2 ones refuse."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), 1)
+        return True
+    except RuntimeError:
+        return False
+
+
 class Linear(nn.Linear):
     """nn.Linear with fast CPU inference through oneDNN.
 
@@ -46,7 +57,8 @@ class Linear(nn.Linear):
 
     def pack(self) -> None:
         w = self.weight
-        if _ONEDNN_LINEAR and not w.is_mkldnn and w.device.type == "cpu" and w.dtype == torch.bfloat16:
+        if (_ONEDNN_LINEAR and not w.is_mkldnn and w.device.type == "cpu" and w.dtype == torch.bfloat16
+                and _onednn_bf16_reorder()):
             self.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1), requires_grad=False)
 
     def unpack(self) -> None:

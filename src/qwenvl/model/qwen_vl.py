@@ -116,11 +116,11 @@ class QWenLMHeadModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.transformer.wte.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.transformer.wte.weight.dtype  # the embedding stays float when lm_head is quantized
 
     # ---- images -----------------------------------------------------------------------------------
 

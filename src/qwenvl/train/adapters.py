@@ -154,10 +154,13 @@ def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def _unpack(model: nn.Module) -> None:
     from ..model.language import Linear
+    from ..model.quant import QuantLinear
 
     for module in model.modules():
         if isinstance(module, Linear):
             module.unpack()  # PEFT reads and merges into `weight`; a oneDNN-packed one has no plain layout
+        elif isinstance(module, QuantLinear):
+            module.unpack_kernel()  # PEFT reads `qweight`
 
 
 def _inject(model: nn.Module, config) -> nn.Module:
@@ -173,6 +176,8 @@ def _inject(model: nn.Module, config) -> nn.Module:
     # Q-LoRA: on an int4 base, PEFT's GPTQ LoRA layer adds B(A(x)) to the frozen quantized layer's output
     config._register_custom_module({QuantLinear: GPTQLoraLinear})
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    for module in lora_modules(model).values():
+        module.__dict__.pop("qweight", None)  # PEFT's copy of the base's qweight would outlive its re-packing
     model.train(model.training)  # new LoRA modules start in training mode: dropout would be on in an eval model
     for name, p in model.named_parameters():
         if is_lora(name):  # float32 adapters on any base: bf16 updates of a 1e-4-scale delta would round away
