@@ -64,7 +64,7 @@ def random_model(config: QWenConfig, dtype: torch.dtype, device: torch.device, s
     if free is not None and weights * 1.3 + (1 << 30) > free:  # weights, packing, allocator slack, activations (measured)
         raise OptionsError(f"this config's weights take {weights / 1e9:.1f} GB in {str(dtype).replace('torch.', '')} "
                           f"and {device} has {free / 1e9:.1f} GB available: use a smaller config or a bigger device")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)  # seeded on every device: TP ranks agree
     state = {}
     for name, p in model.state_dict(keep_vars=True).items():
         t = torch.empty(p.shape, dtype=dtype, device=device)  # in the target dtype: the 9.6B shape fits in 24 GB as bf16
@@ -72,7 +72,7 @@ def random_model(config: QWenConfig, dtype: torch.dtype, device: torch.device, s
                           "ln_q.weight", "ln_kv.weight")):
             t.fill_(1.0)
         else:
-            t.normal_(0.0, 0.02, generator=generator if device.type == "cpu" else None)
+            t.normal_(0.0, 0.02, generator=generator)
         state[name] = t
     model.load_state_dict(state, assign=True)
     pack_for_cpu(model)  # as from_pretrained does
