@@ -85,3 +85,16 @@ def image_server():
 class _QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, *args):  # keep pytest's output clean
         pass
+
+
+def float_twin(quantized):
+    """The float model with a quantized model's dequantized decoder weights: the same function in float."""
+    from qwenvl.model.quant import QuantLinear
+    twin = qwenvl.AutoModelForCausalLM.from_pretrained(CHECKPOINT, fp32=True, device_map="cpu")
+    for name, module in quantized.named_modules():
+        if isinstance(module, QuantLinear):
+            target = twin.get_submodule(name)
+            target.weight.data = module.dequantize(torch.float32)
+            if target.bias is not None:
+                target.bias.data = module.bias.float()
+    return twin

@@ -10,7 +10,7 @@ from qwenvl import cli
 from qwenvl.model.quant import QuantLinear, pack, unpack
 from qwenvl.train import adapters
 
-from conftest import CHECKPOINT
+from conftest import CHECKPOINT, float_twin
 
 IDS = torch.tensor([[9707, 11, 1879, 0, 220, 6388, 12621]])
 
@@ -57,18 +57,6 @@ def int4_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "int4"
     assert cli.main(["quantize", "-m", str(CHECKPOINT), "--out", str(out)]) == 0
     return out
-
-
-def float_twin(int4_model):
-    """The float model with the int4 model's dequantized decoder weights: the same function in float."""
-    twin = qwenvl.AutoModelForCausalLM.from_pretrained(CHECKPOINT, fp32=True, device_map="cpu")
-    for name, module in int4_model.named_modules():
-        if isinstance(module, QuantLinear):
-            target = twin.get_submodule(name)
-            target.weight.data = module.dequantize(torch.float32)
-            if target.bias is not None:
-                target.bias.data = module.bias.float()
-    return twin
 
 
 def test_int4_checkpoint_has_the_official_layout(int4_checkpoint):

@@ -9,7 +9,7 @@ from qwenvl import cli
 from qwenvl.model import quant_kernels as kernels
 from qwenvl.model.quant import QuantLinear, pack
 
-from conftest import CHECKPOINT
+from conftest import CHECKPOINT, float_twin
 
 IDS = torch.tensor([[9707, 11, 1879, 0, 220, 6388, 12621]])
 needs_int4 = pytest.mark.skipif(not kernels.available(4, "cpu", torch.float32), reason="no CPU int4 kernel")
@@ -118,13 +118,7 @@ def test_int8_checkpoint_loads_packed_and_computes_its_dequantized_function(int8
     layer = model.transformer.h[0].mlp.w1
     assert isinstance(layer, QuantLinear) and layer.bits == 8
     assert (layer._kernel is not None) == kernels.available(8, "cpu", torch.float32)
-    twin = qwenvl.AutoModelForCausalLM.from_pretrained(CHECKPOINT, fp32=True, device_map="cpu")
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
-            target = twin.get_submodule(name)
-            target.weight.data = module.dequantize(torch.float32)
-            if target.bias is not None:
-                target.bias.data = module.bias.float()
+    twin = float_twin(model)
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, twin(IDS).logits, atol=1e-3, rtol=1e-3)
         assert torch.equal(model.generate(IDS, max_new_tokens=5, do_sample=False, eos_token_id=None),
