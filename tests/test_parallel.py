@@ -146,3 +146,72 @@ def test_refusals(monkeypatch, capsys):
         parallel.collective_timeout()
     assert cli.main(["generate", "-m", str(CHECKPOINT), "--prompt", "hi", "--tensor-parallel-size", "0"]) == 2
     assert "--tensor-parallel-size must be at least 1" in capsys.readouterr().err
+
+
+def test_serve_with_two_ranks_answers_as_model_chat_and_stops_on_sigterm(model, tokenizer):
+    """`qwenvl serve --tensor-parallel-size 2`: rank 0 serves and sends each step's requests to rank 1;
+    concurrent requests (one with a picture, one cancelled mid-stream) answer as solo model.chat does, an idle
+    spell longer than the heartbeat keeps the ranks together, and SIGTERM ends every rank with status 0."""
+    openai = pytest.importorskip("openai")
+    import base64
+    import concurrent.futures
+    import signal
+
+    import httpx
+
+    shapes = CHECKPOINT.parent / "images" / "shapes_640x480.png"
+    port = launch.free_port()
+    env = {**os.environ, **ENV, parallel.TIMEOUT_ENV: "15"}  # an idle rank 0 signals every 15 / 4 s
+    server = subprocess.Popen([sys.executable, "-m", "qwenvl.cli", "serve", "-m", str(CHECKPOINT), "--dtype", "fp32",
+                               "--device", "cpu", "--port", str(port), "--served-model-name", "golden",
+                               "--tensor-parallel-size", "2"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, server.communicate()[1]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the tensor-parallel server did not start"
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        uri = "data:image/png;base64," + base64.b64encode(shapes.read_bytes()).decode()
+        picture = [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "What is it?"}]
+
+        def ask(content, n=5):
+            reply = client.chat.completions.create(model="golden", messages=[{"role": "user", "content": content}],
+                                                   temperature=0, max_tokens=n)
+            return reply.choices[0].message.content.strip()
+
+        def cancelled():  # a stream dropped after its first chunk: rank 0 cancels it, rank 1 must follow
+            with client.chat.completions.create(model="golden", stream=True, temperature=0, max_tokens=40,
+                                                messages=[{"role": "user", "content": "Count to fifty"}]) as stream:
+                next(iter(stream))
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(ask, picture), pool.submit(ask, "Name a colour"), pool.submit(cancelled)]
+            answers = [f.result(timeout=300) for f in futures[:2]]
+            futures[2].result(timeout=300)
+        expected = [model.chat(tokenizer, q, max_new_tokens=6, do_sample=False)[0] for q in (
+            tokenizer.from_list_format([{"image": str(shapes)}, {"text": "What is it?"}]), "Name a colour")]
+        assert answers == expected
+        time.sleep(17)  # idle past the collective timeout: the heartbeats keep the follower from timing out
+        assert ask("Name a colour") == expected[1]
+        server.send_signal(signal.SIGTERM)  # to the launcher: it passes it on to rank 0
+        assert server.wait(timeout=90) == 0, server.communicate()[1]
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def test_replicate_needs_a_tensor_parallel_model(model):
+    from qwenvl.engine import LLMEngine
+
+    with pytest.raises(OptionsError, match="replicate=True is for a tensor-parallel model"):
+        LLMEngine(model, replicate=True)
+    with pytest.raises(OptionsError, match="follow"):
+        LLMEngine(model).follow()

@@ -14,6 +14,7 @@ import torch
 
 import qwenvl
 from qwenvl.engine import LLMEngine
+from qwenvl.processor import prompt_pixels
 
 IMAGE = Path(__file__).parent / "data" / "golden" / "images" / "shapes_640x480.png"
 NEW_TOKENS = 6
@@ -32,7 +33,7 @@ def outputs(path: str, tensor_parallel: bool) -> dict:
     greedy = dict(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
     out["generate"] = model.generate(ids, images=images, **greedy)[0, ids.shape[1]:].tolist()
     with torch.inference_mode():
-        logits, cache, rows = model.prefill(ids, None, images, NEW_TOKENS)
+        logits, cache, rows = model.prefill(ids, None, prompt_pixels(model.config, ids), NEW_TOKENS)
         steps = [logits]
         for i in range(NEW_TOKENS - 1):
             before = dict(model.tp.counts) if model.tp else None

@@ -6,6 +6,7 @@ from .errors import CheckpointError, DataError, ImageError, OptionsError, QwenVL
 from .images import ImageLimits, set_limits as set_image_limits
 from .loading import from_pretrained, save_pretrained
 from .model import QWenLMHeadModel
+from .processor import Processor
 from .tokenizer import QWenTokenizer
 
 __version__ = "0.1.0"
@@ -25,6 +26,6 @@ class AutoTokenizer:
 
 __all__ = [
     "AutoModelForCausalLM", "AutoTokenizer", "CheckpointError", "DataError", "GenerationConfig", "ImageError",
-    "ImageLimits", "OptionsError", "QWenConfig", "QWenLMHeadModel", "QWenTokenizer", "QwenVLError", "RequestError",
+    "ImageLimits", "OptionsError", "Processor", "QWenConfig", "QWenLMHeadModel", "QWenTokenizer", "QwenVLError", "RequestError",
     "from_pretrained", "make_context", "parse_boxes", "save_pretrained", "set_image_limits", "to_pixels",
 ]

@@ -360,11 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat with images, streaming) on the engine")
     _add_model_options(p)
     serve_options(p)
+    _add_parallel_option(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("web", help="the chat page in the browser: pictures, streaming answers, boxes drawn")
     _add_model_options(p)
     add_web_options(p)
+    _add_parallel_option(p)
     p.set_defaults(func=cmd_web)
 
     p = sub.add_parser("bench-serve", help="serving throughput and latency: batching server vs one at a time")
@@ -501,18 +503,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_serve(args) -> int:
-    from .serve.cli import serve
+def cmd_serve(args, web: bool = False) -> int:
+    from .serve.cli import follow, serve
 
+    status = _launch_ranks(args)
+    if status is not None:
+        return status
     model, tokenizer = _load(args)
-    return serve(model, tokenizer, args)
+    if _is_follower(model):  # rank 0 serves; this rank runs its engine's steps beside it
+        return follow(model, args)
+    return serve(model, tokenizer, args, web=web)
 
 
 def cmd_web(args) -> int:
-    from .serve.cli import serve
-
-    model, tokenizer = _load(args)
-    return serve(model, tokenizer, args, web=True)
+    return cmd_serve(args, web=True)
 
 
 def cmd_bench_serve(args) -> int:

@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+from . import processor
 from .config import GenerationConfig
 from .errors import OptionsError, RequestError, UnknownOptionError
 
@@ -184,6 +185,7 @@ def iter_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     if int(input_ids.min()) < 0 or int(input_ids.max()) >= model.config.vocab_size:
         raise RequestError(f"input_ids hold ids outside the vocabulary [0, {model.config.vocab_size}): "
                            f"{int(input_ids.min())} to {int(input_ids.max())}")
+    images = processor.prompt_pixels(model.config, input_ids, images)  # each picture loaded once, here
     generator = None
     if params.do_sample and params.seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(int(params.seed))

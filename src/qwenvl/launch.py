@@ -1,6 +1,6 @@
 """Start N tensor-parallel ranks of one command on this machine, as torchrun would (`--tensor-parallel-size N`).
 
-Rank 0's output is the command's output (the other ranks' stdout is dropped). When a rank exits with an
+Rank 0's output is the command's output (the other ranks' stdout is dropped); SIGTERM is passed on to it. When a rank exits with an
 error, the others are stopped at once (SIGTERM, then SIGKILL after a grace period) and one DistributedError
 names the rank, its exit status and its last error line: no rank is left waiting in a collective.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -47,6 +48,22 @@ def _stop(procs: list, grace_s: float) -> None:
             p.wait()
 
 
+def _forward_sigterm(procs: list):
+    """SIGTERM to the launcher goes to rank 0, which shuts down in order (a server finishes its streams, then
+    releases the other ranks). Ctrl-C reaches every rank from the terminal, so the launcher leaves it to them.
+    Returns a function that puts the previous handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def forward(signum, frame):
+        if procs and procs[0].poll() is None:
+            procs[0].send_signal(signal.SIGTERM)
+
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
+                signal.SIGINT: signal.signal(signal.SIGINT, lambda signum, frame: None)}  # not SIG_IGN: ranks inherit that
+    return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+
 def run_ranks(command: list[str], size: int, env: dict | None = None, grace_s: float = 5.0) -> int:
     """Run `command` as ranks 0..size-1 (torchrun's environment, 127.0.0.1, a free port); 0 when all succeed."""
     port = free_port()
@@ -54,6 +71,7 @@ def run_ranks(command: list[str], size: int, env: dict | None = None, grace_s: f
                 LOCAL_WORLD_SIZE=str(size), OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // size)))
     base.update(env or {})
     procs, lasts, readers, exits = [], [], [], queue.Queue()
+    restore = _forward_sigterm(procs)
     try:
         for rank in range(size):
             p = subprocess.Popen(command, env=dict(base, RANK=str(rank), LOCAL_RANK=str(rank)),
@@ -72,6 +90,7 @@ def run_ranks(command: list[str], size: int, env: dict | None = None, grace_s: f
                 break
     finally:
         _stop(procs, grace_s)
+        restore()
         for reader in readers:
             reader.join(grace_s)
     if failed is None:

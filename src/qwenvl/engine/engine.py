@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .. import images as image_io
+from .. import processor
 from ..chat import DEFAULT_SYSTEM, _prepare, check_history, reply_ids
 from ..errors import OptionsError, QwenVLError, RequestError
 from ..generation import SamplingParams, _ends_with_stop, check_positions, next_tokens
@@ -22,6 +22,9 @@ from .cache_pool import CachePool
 from .runner import ModelRunner
 from .scheduler import Scheduler
 from .sequence import Picture, Sequence, Status
+
+
+MAX_HEARTBEAT_S = 5.0  # an idle tensor-parallel rank 0 tells its followers it is alive this often, at most
 
 
 class QueueFull(QwenVLError):
@@ -34,7 +37,11 @@ class EngineStopped(QwenVLError):
 
 class LLMEngine:
     def __init__(self, model, max_num_seqs: int = 8, kv_cache_tokens: int | None = None,
-                 max_prefill_tokens: int = 512, image_cache_size: int = 64, max_queue: int | None = None):
+                 max_prefill_tokens: int = 512, image_cache_size: int = 64, max_queue: int | None = None,
+                 replicate: bool = False):
+        """`replicate` (tensor parallel, as `qwenvl serve --tensor-parallel-size` runs it): requests come to
+        rank 0 only; rank 0 sends each step's new requests and cancellations to the other ranks, whose engines
+        (built with the same options) run `follow()`. Without it every rank makes the same calls itself."""
         config = model.config
         if max_num_seqs < 1 or max_prefill_tokens < 1 or image_cache_size < 0:
             raise OptionsError("max_num_seqs and max_prefill_tokens must be >= 1, image_cache_size >= 0")
@@ -59,6 +66,14 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.accepting = True
+        tp = model.tp if model.tp is not None and model.tp.world > 1 else None
+        if replicate and tp is None:
+            raise OptionsError("replicate=True is for a tensor-parallel model (from_pretrained(tensor_parallel=True))")
+        self.tp = tp if replicate else None
+        # well inside the collective timeout, so waiting followers never time out
+        self._heartbeat_s = min(MAX_HEARTBEAT_S, tp.timeout / 4) if self.tp is not None else None
+        self._followers_released = False
+        self._copies: dict[int, Sequence] = {}  # on a follower: rank 0's sequence id -> this rank's copy
 
     @property
     def max_model_len(self) -> int:
@@ -69,12 +84,25 @@ class LLMEngine:
     def add_request(self, prompt: list[int], params: SamplingParams | None = None, images: list | None = None,
                     listener: Callable[[Sequence, list[int]], None] | None = None, logprobs: int | None = None,
                     **options) -> Sequence:
-        """Queue one prompt (token ids; image spans as the tokenizer writes them). `images`: one per span, as
-        pixel tensors [3, S, S] or anything `images.load_image` takes; None reads the references in the spans.
+        """Queue one prompt (token ids; image spans as the tokenizer writes them). `images`: one per span,
+        Pictures, pixel tensors [3, S, S] or anything `images.load_image` takes; None loads the references
+        written in the spans (the processor step, `processor.prompt_pictures`).
         Options as `generate` takes them (`max_new_tokens`, `do_sample`, `seed`, ...) when `params` is None."""
         if not self.accepting:
             raise EngineStopped("the engine is shutting down and takes no new requests")
-        params = params or SamplingParams.build(self.model.generation_config, **options)
+        if self.tp is not None and self.tp.rank != 0:
+            raise OptionsError("requests go to tensor-parallel rank 0; this rank follows it (follow())")
+        seq = self._sequence(prompt, params or SamplingParams.build(self.model.generation_config, **options),
+                             images, listener, logprobs)
+        with self._lock:
+            if self.max_queue is not None and len(self._inbox) + len(self.scheduler.waiting) >= self.max_queue:
+                raise QueueFull(f"the queue holds {self.max_queue} waiting requests (--max-queue): retry later")
+            self._inbox.append(seq)
+            self._lock.notify_all()
+        return seq
+
+    def _sequence(self, prompt: list[int], params: SamplingParams, images: list | None, listener,
+                  logprobs: int | None) -> Sequence:
         prompt = [int(t) for t in prompt]
         check_positions(self.model.config, len(prompt), params.max_new_tokens)
         if min(prompt) < 0 or max(prompt) >= self.model.config.vocab_size:
@@ -83,8 +111,11 @@ class LLMEngine:
             raise RequestError(f"the prompt's {len(prompt)} tokens plus max_new_tokens={params.max_new_tokens} "
                                f"exceed the engine's {self.pool.slot_len} tokens per sequence: ask for at most "
                                f"{max(self.pool.slot_len - len(prompt), 0)} new tokens or shorten the prompt")
-        spans = [a for _, a in self.model.image_spans(torch.tensor([prompt]))]
-        pictures = self._pictures(prompt, spans, images)
+        ids = torch.tensor([prompt])
+        spans = [a for _, a in processor.image_spans(self.model.config, ids)]
+        pictures = processor.prompt_pictures(self.model.config, ids, images)
+        if any(not isinstance(p, Picture) for p in pictures):
+            raise RequestError("the engine takes pictures, not image features: give the images themselves")
         seq = Sequence(prompt=prompt, params=params, pictures=pictures, spans=spans, listener=listener,
                        logprobs=logprobs)
         config = self.model.config
@@ -92,21 +123,7 @@ class LLMEngine:
             seq.alpha = ntk_alpha(len(prompt), config.seq_length)
         if params.do_sample and params.seed is not None:
             seq.generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
-        with self._lock:
-            if self.max_queue is not None and len(self._inbox) + len(self.scheduler.waiting) >= self.max_queue:
-                raise QueueFull(f"the queue holds {self.max_queue} waiting requests (--max-queue): retry later")
-            self._inbox.append(seq)
-            self._lock.notify_all()
         return seq
-
-    def _pictures(self, prompt: list[int], spans: list[int], images: list | None) -> list[Picture]:
-        if images is None:
-            images = [image_io.decode_reference(prompt[a + 1:a + 1 + self.span]) for a in spans]
-        if len(images) != len(spans):
-            raise RequestError(f"{len(images)} images were given for {len(spans)} <img></img> spans in the prompt")
-        size = self.model.config.visual.image_size
-        return [im if isinstance(im, Picture) else
-                Picture(im if isinstance(im, torch.Tensor) else image_io.load_image(im), size) for im in images]
 
     def abort(self, seq: Sequence) -> None:
         """Cancel a request; it leaves, and frees its slot, at the next step."""
@@ -130,12 +147,21 @@ class LLMEngine:
     def step(self) -> None:
         scheduler = self.scheduler
         with self._lock:
-            scheduler.waiting.extend(self._inbox)
-            self._inbox.clear()
+            new, self._inbox = self._inbox, []
+        # one snapshot of the cancellations: a flag set while the step runs counts at the next one, on every rank
+        aborted = [s for s in [*scheduler.waiting, *scheduler.running, *new] if s.aborted]
+        if self.tp is not None:
+            self.tp.broadcast_object(("step", [self._wire(s) for s in new], [s.id for s in aborted]))
+        self._step(new, aborted)
+
+    def _step(self, new: list[Sequence], aborted: list[Sequence]) -> None:
+        scheduler = self.scheduler
+        scheduler.waiting.extend(new)
         changed: dict[int, tuple[Sequence, list[int]]] = {}
-        for seq in [s for s in list(scheduler.waiting) + scheduler.running if s.aborted]:
-            scheduler.finish(seq, "abort")
-            changed[seq.id] = (seq, [])
+        for seq in aborted:
+            if not seq.finished:
+                scheduler.finish(seq, "abort")
+                changed[seq.id] = (seq, [])
         admitted = scheduler.admit()
         for seq in admitted:
             self.stats["prompt_tokens"] += len(seq.prompt)
@@ -269,15 +295,57 @@ class LLMEngine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        else:
+            self._release_followers()
 
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stopping and not self.has_work():
-                    self._lock.wait()
-                if self._stopping:
-                    return
-            self.step()
+                if not self._stopping and not self.has_work():  # followers hear from an idle rank 0 this often
+                    self._lock.wait(self._heartbeat_s)
+                stopping, busy = self._stopping, self.has_work()
+            if stopping:
+                self._release_followers()
+                return
+            if busy:
+                self.step()
+            elif self.tp is not None:
+                self.tp.broadcast_object(("idle",))
+
+    def _release_followers(self) -> None:
+        if self.tp is not None and not self._followers_released:
+            self._followers_released = True
+            self.tp.broadcast_object(("stop",))
+
+    # ---- tensor-parallel followers -----------------------------------------------------------------
+
+    @staticmethod
+    def _wire(seq: Sequence) -> tuple:
+        """What a follower needs to run `seq` as rank 0 does (the pictures as pixels, with their hashes)."""
+        return (seq.id, seq.prompt, seq.params, [(p.pixels, p.digest) for p in seq.pictures], seq.logprobs)
+
+    def follow(self) -> None:
+        """On tensor-parallel ranks other than 0 (an engine built with replicate=True and rank 0's options):
+        run rank 0's steps, with its requests and cancellations, until rank 0's engine stops."""
+        if self.tp is None or self.tp.rank == 0:
+            raise OptionsError("follow() runs on tensor-parallel ranks other than 0 of a replicate=True engine")
+        size = self.model.config.visual.image_size
+        while True:
+            message = self.tp.broadcast_object()
+            if message[0] == "stop":
+                return
+            if message[0] != "step":
+                continue
+            _, wired, aborted_ids = message
+            new = []
+            for leader_id, prompt, params, pictures, logprobs in wired:
+                seq = self._sequence(prompt, params, [Picture(px, size, digest) for px, digest in pictures], None,
+                                     logprobs)
+                self._copies[leader_id] = seq
+                new.append(seq)
+            self._step(new, [self._copies[i] for i in aborted_ids if i in self._copies])
+            for leader_id in [i for i, s in self._copies.items() if s.finished]:
+                del self._copies[leader_id]
 
     # ---- convenience surfaces ----------------------------------------------------------------------
 

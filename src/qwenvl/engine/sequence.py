@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import enum
-import hashlib
 import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from PIL import Image
 
-from .. import images as image_io
 from ..generation import SamplingParams
+from ..processor import Picture
 
 _ids = itertools.count()
 
@@ -21,26 +19,6 @@ class Status(enum.Enum):
     WAITING = "waiting"  # queued, no cache slot yet
     RUNNING = "running"  # holds a slot: prefilling (computed < prompt length) or decoding
     FINISHED = "finished"
-
-
-class Picture:
-    """A picture of the prompt, known by its content hash (the feature-cache key); it is resized and
-    normalized only if its features are not cached already."""
-
-    def __init__(self, image: "torch.Tensor | Image.Image", image_size: int, digest: bytes | None = None):
-        self.image, self.image_size = image, image_size
-        self.size = (image_size, image_size) if isinstance(image, torch.Tensor) else image.size  # (width, height)
-        if digest is None:
-            raw = image.contiguous().numpy().tobytes() if isinstance(image, torch.Tensor) else \
-                f"{image.mode}{image.size}".encode() + image.tobytes()
-            digest = hashlib.sha256(raw).digest()
-        self.digest = digest
-
-    @property
-    def pixels(self) -> torch.Tensor:
-        if not isinstance(self.image, torch.Tensor):
-            self.image = image_io.preprocess(self.image, self.image_size)
-        return self.image
 
 
 @dataclass

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import processor
 from ..errors import OptionsError
 from . import tasks as T
 
@@ -169,7 +170,8 @@ def predict_choice(model, tokenizer, task: T.Task, batch: list[T.Item]) -> list[
     ids, mask, targets = full[:, :-1], full_mask[:, :-1], full[:, 1:]  # the original feeds input_tokens[:, :-1]
     with torch.inference_mode():
         step = model.full_step(ids.to(model.device), mask, None, None)
-        hidden = model.transformer.run_blocks(model.embed(ids.to(model.device)), step)
+        pixels = processor.prompt_pixels(model.config, ids)
+        hidden = model.transformer.run_blocks(model.embed(ids.to(model.device), pixels), step)
         losses = []
         for r, n in enumerate(spans):
             logits = model.lm_head(hidden[r, -n:]).float()

@@ -51,9 +51,9 @@ class Group:
     timeout: float = DEFAULT_TIMEOUT_S
     counts: dict = field(default_factory=lambda: {"all_reduce": 0, "all_gather": 0, "broadcast": 0, "bytes": 0})
 
-    def _run(self, name: str, tensor: torch.Tensor, fn):
+    def _run(self, name: str, tensor: torch.Tensor | None, fn):
         self.counts[name] += 1
-        self.counts["bytes"] += tensor.numel() * tensor.element_size()
+        self.counts["bytes"] += 0 if tensor is None else tensor.numel() * tensor.element_size()
         try:
             return fn()
         except (RuntimeError, ValueError) as e:  # gloo/NCCL: a peer that closed its connection, or a timeout
@@ -79,6 +79,13 @@ class Group:
         x = x.contiguous()
         self._run("broadcast", x, lambda: torch.distributed.broadcast(x, 0))
         return x
+
+    def broadcast_object(self, obj=None):
+        """Rank 0's picklable `obj` on every rank (the engine's new requests each step)."""
+        box = [obj]
+        device = self.device if self.device.type == "cuda" else None
+        self._run("broadcast", None, lambda: torch.distributed.broadcast_object_list(box, 0, device=device))
+        return box[0]
 
 
 def join(cuda: bool) -> Group:

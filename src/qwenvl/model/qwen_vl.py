@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import images as image_io
+from .. import processor
 from ..config import GenerationConfig, QWenConfig
 from ..errors import RequestError
 from .language import Block, KVCache, Linear, RMSNorm, Rotary, Step, logn_scale, ntk_alpha
@@ -124,35 +124,28 @@ class QWenLMHeadModel(nn.Module):
 
     # ---- images -----------------------------------------------------------------------------------
 
-    def encode_images(self, images: list) -> torch.Tensor:
-        """Images (paths, URLs, data URIs, bytes, PIL images, or pixel tensors [3, S, S]) -> [n, 256, hidden]."""
-        size = self.config.visual.image_size
-        pixels = [im if isinstance(im, torch.Tensor) else image_io.preprocess(image_io.load_image(im), size)
-                  for im in images]
-        if not pixels:
-            return torch.empty(0, self.config.visual.n_queries, self.config.visual.output_dim,
-                               dtype=self.dtype, device=self.device)
-        chunk = len(pixels) if self.sync_vision else IMAGE_FEATURE_BATCH
-        out = [self.transformer.visual(torch.stack(pixels[i:i + chunk]).to(self.device))
-               for i in range(0, len(pixels), chunk)]
-        return torch.cat(out)
+    def encode_images(self, images) -> torch.Tensor:
+        """Pictures -> features [n, 256, hidden]: pixel tensors [n, 3, S, S] (or a list of [3, S, S]); other
+        kinds (paths, URLs, data URIs, bytes, PIL images) are loaded by the processor first."""
+        if not isinstance(images, torch.Tensor):
+            images = [processor.picture_of(im, self.config.visual.image_size).pixels for im in images]
+            if not images:
+                return torch.empty(0, self.config.visual.n_queries, self.config.visual.output_dim,
+                                   dtype=self.dtype, device=self.device)
+            images = torch.stack(images)
+        chunk = len(images) if self.sync_vision else IMAGE_FEATURE_BATCH
+        return torch.cat([self.transformer.visual(images[i:i + chunk].to(self.device))
+                          for i in range(0, len(images), chunk)])
 
     def image_spans(self, input_ids: torch.Tensor) -> list[tuple[int, int]]:
         """(row, column of <img>) of every image span, row-major; checks each span is 258 tokens."""
-        start_id = self.config.visual.image_start_id
-        starts = (input_ids == start_id).nonzero().tolist()
-        ends = (input_ids == start_id + 1).nonzero().tolist()
-        if len(starts) != len(ends):
-            raise RequestError(f"the prompt has {len(starts)} <img> but {len(ends)} </img> tokens")
-        span = self.config.visual.n_queries + 1
-        for (r, a), (r2, b) in zip(starts, ends):
-            if r != r2 or b - a != span:
-                raise RequestError(f"malformed image span in row {r} at column {a}: an image takes "
-                                   f"<img> + {span - 1} ids + </img>; build prompts with the tokenizer")
-        return [(r, a) for r, a in starts]
+        return processor.image_spans(self.config, input_ids)
 
     def embed(self, input_ids: torch.Tensor, images: list | None = None) -> torch.Tensor:
-        """Token embeddings with each image span's 256 positions replaced by that image's features."""
+        """Token embeddings with each image span's 256 positions replaced by its picture's features.
+
+        `images`: one entry per span, pixels [3, S, S] or features [256, hidden], as the processor gives
+        them (`processor.prompt_pixels`); the model reads no files."""
         x = self.transformer.wte(input_ids)
         spans = self.image_spans(input_ids)
         if not spans:
@@ -160,17 +153,19 @@ class QWenLMHeadModel(nn.Module):
                 raise RequestError(f"{len(images)} images were given but the prompt has no <img></img> span")
             if self.sync_vision:  # the original's "fake image": keeps sharded ranks in step, gradients defined
                 size = self.config.visual.image_size
-                x = x + self.encode_images([torch.zeros(3, size, size, device=self.device)]).mean() * 0
+                x = x + self.encode_images(torch.zeros(1, 3, size, size, device=self.device)).mean() * 0
             return x
-        if images is None:
-            n = self.config.visual.n_queries
-            images = [image_io.decode_reference(input_ids[r, a + 1:a + 1 + n].tolist()) for r, a in spans]
-        elif len(images) != len(spans):
-            raise RequestError(f"{len(images)} images were given for {len(spans)} <img></img> spans in the prompt")
-        features = self.encode_images(images).to(x.dtype)
+        if images is None or len(images) != len(spans):
+            raise RequestError(f"{0 if images is None else len(images)} images were given for {len(spans)} "
+                               "<img></img> spans in the prompt (processor.prompt_pixels gives one per span)")
+        if not all(isinstance(im, torch.Tensor) for im in images):
+            raise RequestError("embed takes pixel or feature tensors; load pictures with qwenvl.processor")
+        pixels = {id(im): im for im in images if not processor.is_features(im, self.config)}
+        encoded = dict(zip(pixels, self.encode_images(torch.stack(list(pixels.values()))))) if pixels else {}
         x = x.clone()
-        for (r, a), f in zip(spans, features):
-            x[r, a + 1:a + 1 + f.shape[0]] = f
+        for (r, a), im in zip(spans, images):
+            f = im if processor.is_features(im, self.config) else encoded[id(im)]
+            x[r, a + 1:a + 1 + f.shape[0]] = f.to(x.device, x.dtype)
         return x
 
     # ---- decoder ----------------------------------------------------------------------------------
@@ -249,6 +244,7 @@ class QWenLMHeadModel(nn.Module):
         computes the same loss without the lm_head rows it knows are equal (see SharedRows).
         """
         input_ids = input_ids.to(self.device)
+        images = processor.prompt_pixels(self.config, input_ids, images)
         step = self.full_step(input_ids, attention_mask, position_ids, segment_ids)
         hidden = self.transformer.run_blocks(self.embed(input_ids, images), step)
         if labels is None:

@@ -43,16 +43,34 @@ def add_web_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-images-per-request", type=int, default=8, help="pictures in one conversation")
 
 
+def _engine(model, args):
+    """The engine of `serve` / `web`; under tensor parallel, rank 0's sends its requests to the other ranks'."""
+    from ..engine import LLMEngine
+
+    return LLMEngine(model, max_num_seqs=args.max_num_seqs, kv_cache_tokens=args.kv_cache_tokens,
+                     max_prefill_tokens=getattr(args, "max_prefill_tokens", 512),
+                     image_cache_size=getattr(args, "image_cache_size", 64), max_queue=getattr(args, "max_queue", 256),
+                     replicate=model.tp is not None and model.tp.world > 1)
+
+
+def follow(model, args) -> int:
+    """A tensor-parallel rank other than 0 of `serve` / `web`: run rank 0's engine steps until it stops.
+    Ctrl-C reaches every rank of the terminal's process group; only rank 0 acts on it (it shuts down, then
+    releases this rank)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _engine(model, args).follow()
+    return 0
+
+
 def _engine_and_media(model, args):
     from .. import images as image_io
-    from ..engine import LLMEngine
     from .media import MediaPolicy
 
     if not 0 < args.port < 65536:
         raise OptionsError(f"--port must be in 1..65535, got {args.port}")
-    engine = LLMEngine(model, max_num_seqs=args.max_num_seqs, kv_cache_tokens=args.kv_cache_tokens,
-                       max_prefill_tokens=getattr(args, "max_prefill_tokens", 512),
-                       image_cache_size=getattr(args, "image_cache_size", 64), max_queue=getattr(args, "max_queue", 256))
+    engine = _engine(model, args)
     limits = image_io.ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels,
                                   timeout_s=getattr(args, "image_fetch_timeout", 10.0))
     media = MediaPolicy(limits, getattr(args, "allowed_local_media_path", None),
@@ -102,6 +120,9 @@ def serve(model, tokenizer, args, web: bool = False) -> int:
         def handle_exit(self, sig, frame):  # SIGTERM / Ctrl-C: admit nothing more, let running streams finish
             app.state.engine.accepting = False
             super().handle_exit(sig, frame)
+            # uvicorn raises a captured signal again once it has shut down, which kills the process with it:
+            # a shutdown that went as asked ends with status 0
+            self._captured_signals.clear()
 
     url = f"http://{args.host}:{args.port}"
     print(f"qwenvl: the chat page on {url}/" if web else f"qwenvl: serving on {url}/v1" +
