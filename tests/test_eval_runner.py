@@ -47,7 +47,8 @@ def predictions(out):
 
 @pytest.mark.parametrize("task", bench.BENCHMARKS)
 def test_every_benchmark_runs_and_scores(task, ckpt, files, tmp_path):
-    result = run(task, ckpt, files, tmp_path / "out", batch_size=3)
+    # a random model never stops: 8 new tokens keep MME's 24 answers (512 tokens by its protocol) quick
+    result = run(task, ckpt, files, tmp_path / "out", batch_size=3, max_new_tokens=8)
     assert result["task"] == task and result["scorer"] == "fixed"
     value = result[result["metric"]]
     assert (0.0 <= value <= 2 * 100 * 14) if task == "mme" else (0.0 <= value <= 10.0)
@@ -55,6 +56,7 @@ def test_every_benchmark_runs_and_scores(task, ckpt, files, tmp_path):
     expected = 4 * (4 if task == "mmbench" else 6 if task == "mme" else 1)
     assert len(rows) == result["count"] == expected
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())[result["metric"]] == value
+    assert json.loads((tmp_path / "out" / runner.RUN_FILE).read_text())["settings"]["max_new_tokens"] == 8
 
 
 def test_a_model_that_answers_right_scores_full_marks(ckpt, files, tmp_path, monkeypatch):

@@ -477,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for predictions and metrics (default: eval_results/TASK)")
     p.add_argument("--scorer", default="fixed", choices=["fixed", "compat"],
                    help="fixed: the documented metrics; compat: the original scripts' quirks (see docs)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="cap the answer length (default: the benchmark's protocol, e.g. 512 for MME)")
     p.add_argument("--few-shot", type=int, default=0, help="solved examples before each prompt (caption, VQA)")
     p.add_argument("--few-shot-data", help="where examples come from (default: the evaluated file itself)")
     p.add_argument("--seed", type=int, default=0)
@@ -533,7 +535,7 @@ def cmd_eval(args) -> int:
                                images=args.images, annotations=args.annotations, batch_size=args.batch_size,
                                limit=args.limit, out=args.out, scorer=args.scorer, few_shot=args.few_shot,
                                few_shot_data=args.few_shot_data, seed=args.seed, dtype=args.dtype,
-                               device=args.device))
+                               device=args.device, max_new_tokens=args.max_new_tokens))
     if result is not None:
         print(summary_table([result]))
         print(f"metrics: {os.path.join(args.out or os.path.join('eval_results', args.task), 'metrics.json')}")

@@ -9,6 +9,7 @@ that file, and metrics.json says where it is.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -43,6 +44,7 @@ class EvalArgs:
     dtype: str = "auto"
     device: str = "auto"
     progress: bool = True
+    max_new_tokens: int | None = None  # the task's protocol length unless set (a cap for quick runs)
 
 
 def shard(total: int, world: int, rank: int) -> range:
@@ -91,7 +93,7 @@ def settings(args: EvalArgs, count: int) -> dict:
     return {"task": args.task, "model": os.path.abspath(args.model), "data": os.path.abspath(args.data),
             "images": args.images and os.path.abspath(args.images), "items": count, "few_shot": args.few_shot,
             "few_shot_data": args.few_shot_data and os.path.abspath(args.few_shot_data), "seed": args.seed,
-            "dtype": args.dtype}
+            "dtype": args.dtype, **({} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens})}
 
 
 def read_predictions(out: str) -> dict:
@@ -202,6 +204,10 @@ def evaluate(args: EvalArgs) -> dict | None:
     if args.batch_size < 1:
         raise OptionsError(f"--batch-size must be at least 1, not {args.batch_size}")
     task = T.TASKS[args.task]
+    if args.max_new_tokens is not None:
+        if isinstance(args.max_new_tokens, bool) or not isinstance(args.max_new_tokens, int) or args.max_new_tokens < 1:
+            raise OptionsError(f"--max-new-tokens must be a positive integer, not {args.max_new_tokens!r}")
+        task = dataclasses.replace(task, max_new_tokens=args.max_new_tokens)
     dist_ = Dist()
     out = args.out or os.path.join("eval_results", args.task)
     os.makedirs(out, exist_ok=True)
