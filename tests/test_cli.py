@@ -160,3 +160,25 @@ def test_a_bad_image_is_reported_before_the_model_loads(capsys, monkeypatch, com
     extra = ["--prompt", "hi"] if command == "generate" else []
     code, _, err = run(capsys, command, *BASE, "--image", "no-such.png", *extra)
     assert code == 2 and "no-such.png" in err
+
+
+def test_bench_quant_measures_each_mode_against_bf16_in_one_run(capsys):
+    code, out, _ = run(capsys, "bench", "--random-config", "tiny", "--quant", "int4,int8", "--quant-lm-head",
+                       "--repeats", "1", "--decode-tokens", "2", "--prompt-tokens", "4")
+    assert code == 0 and "activations bfloat16" in out
+    rows = {m[0]: [float(v) for v in m[1:]] for m in re.findall(
+        r"^(\w+) +decode +([0-9.]+) tokens/s \(([0-9.]+)x bf16\) +prefill +([0-9.]+) ms \(([0-9.]+)x bf16's time\)"
+        r".*decoder weights +([0-9.]+) MB \(([0-9.]+)x bf16\)", out, re.M)}
+    assert list(rows) == ["bf16", "int4", "int8"]
+    for mode, (speed, ratio, prefill, prefill_ratio, mb, mb_ratio) in rows.items():
+        assert speed > 0 and prefill > 0 and mb > 0
+        assert ratio == pytest.approx(speed / rows["bf16"][0], abs=0.01)
+    # lm_head quantized too: the tiny decoder is mostly lm_head, so its bytes shrink with the bits
+    assert rows["int4"][5] < 0.4 and rows["int8"][5] < 0.6 and rows["bf16"][5] == 1.0
+
+
+def test_bench_quant_names_a_bad_mode(capsys):
+    code, out, err = run(capsys, "bench", "--random-config", "tiny", "--quant", "int4,int3")
+    assert code == 2 and "--quant takes a comma list of int4, int8, got 'int4,int3'" in err
+    code, out, err = run(capsys, "bench", "--random-config", "tiny", "--quant-lm-head")
+    assert code == 2 and "--quant-lm-head goes with --quant" in err

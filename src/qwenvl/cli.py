@@ -256,15 +256,33 @@ def cmd_bench(args) -> int:
     status = _launch_ranks(args)
     if status is not None:
         return status
+    modes = bench.parse_modes(args.quant) if args.quant else []
+    if args.quant_lm_head and not modes:
+        raise UsageError("--quant-lm-head goes with --quant")
+    if modes and args.tensor_parallel_size > 1:
+        raise UsageError("--quant runs in one process: drop --tensor-parallel-size")
     if args.model:
+        if modes:
+            raise UsageError("--quant measures random weights (--random-config); to load a checkpoint quantized, "
+                             "see from_pretrained(quantize=...)")
         model, _ = _load(args)
     else:
         from .loading import resolve_device
         device = resolve_device(args.device)
-        dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
-                 "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-        model = bench.random_model(bench.random_config(args.random_config or "0.5b"), dtype, device,
-                                   tensor_parallel=args.tensor_parallel_size > 1)
+        default = torch.bfloat16 if device.type == "cuda" or modes else torch.float32  # --quant: against bf16
+        dtype = {"auto": default, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        config = bench.random_config(args.random_config or "0.5b")
+
+        def build():  # the same seed each time: the same weights
+            return bench.random_model(config, dtype, device, tensor_parallel=args.tensor_parallel_size > 1)
+        model = build()
+        if modes:
+            models = {str(dtype).replace("torch.", "").replace("bfloat16", "bf16"): model}
+            for mode in modes:
+                models[mode] = bench.quantize_random(build(), mode, lm_head=args.quant_lm_head)
+            bench.compare(models, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
+                          repeats=args.repeats)
+            return 0
     report = (lambda *a, **k: None) if _is_follower(model) else print
     bench.run(model, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats,
               report=report)
@@ -383,6 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5, help="runs per figure; medians are reported")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    p.add_argument("--quant", "--quantize", default=None, metavar="int4,int8",
+                   help="also measure these quantized modes (round-to-nearest, as qwenvl quantize) in the same run, "
+                   "each against the float model (default bf16)")
+    p.add_argument("--quant-lm-head", action="store_true", help="with --quant, quantize lm_head too")
     _add_parallel_option(p)
     p.set_defaults(func=cmd_bench)
 

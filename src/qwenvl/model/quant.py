@@ -246,22 +246,37 @@ class QuantLinear(nn.Module):
         return layer
 
 
-def quantized_module_names(model: nn.Module) -> list[str]:
+MODES = {"int4": (4, 128), "int8": (8, -1)}  # quantize= / --quantize: (bits, group size) as `qwenvl quantize` writes
+
+
+def quantized_module_names(model: nn.Module, vision: bool = False, lm_head: bool = False) -> list[str]:
+    """The linears quantization replaces: the decoder's, with `vision` the ViT blocks', with `lm_head` lm_head."""
     return [name for name, _ in model.named_modules()
-            if name.startswith("transformer.h.") and name.endswith(QUANTIZED)]
+            if (name.startswith("transformer.h.") and name.endswith(QUANTIZED))
+            or (vision and name.startswith("transformer.visual.transformer.resblocks.") and name.endswith(VISION_QUANTIZED))
+            or (lm_head and name == "lm_head")]
 
 
-def replace_with_quantized(model: nn.Module, group_size: int = 128, quantize: bool = False, bits: int = BITS) -> None:
-    """Swap the decoder's linears for QuantLinear: empty ones (to load an Int4 checkpoint into), or, with
-    `quantize`, ones quantized from the current weights."""
-    for name in quantized_module_names(model):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child)
+def quantize_linear(model: nn.Module, name: str, group_size: int, bits: int) -> None:
+    """Replace the float linear `name` by its round-to-nearest QuantLinear, on the same device."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    linear = getattr(parent, child)
+    setattr(parent, child, QuantLinear.quantize(linear.weight, linear.bias, group_size, bits).train(parent.training))
+
+
+def replace_with_quantized(model: nn.Module, group_size: int = 128, quantize: bool = False, bits: int = BITS,
+                           vision: bool = False, lm_head: bool = False) -> None:
+    """Swap the decoder's linears (see quantized_module_names) for QuantLinear: empty ones (to load an Int4
+    checkpoint into), or, with `quantize`, ones quantized from the current weights."""
+    for name in quantized_module_names(model, vision, lm_head):
         if quantize:
-            new = QuantLinear.quantize(linear.weight, linear.bias, group_size, bits)
-        else:
-            new = QuantLinear(linear.in_features, linear.out_features, group_size, bits)
+            quantize_linear(model, name, group_size, bits)
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, child)
+        new = QuantLinear(linear.in_features, linear.out_features, group_size, bits)
         setattr(parent, child, new.to(linear.weight.device) if not linear.weight.is_meta else new)
 
 
