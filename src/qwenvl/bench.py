@@ -223,6 +223,10 @@ def run(model, prompt_tokens: int = 64, decode_tokens: int = 32, repeats: int = 
     return result
 
 
+def dtype_label(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+
+
 def parse_modes(text: str) -> list[str]:
     """'int4,int8' -> ['int4', 'int8'] (each mode once, in the order given)."""
     from .model.quant import MODES

@@ -28,6 +28,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="weights and compute precision (auto: config.json's flag, else the best for the device)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="quantize a float checkpoint's decoder linears while loading (round-to-nearest, GPTQ format)")
 
 
 def _add_parallel_option(p: argparse.ArgumentParser) -> None:
@@ -77,14 +79,16 @@ def default_model() -> str:
     return str(DEMO_MODEL)
 
 
-def _load(args):
+def _load(args, quantize: str | None = None):
+    """The model and tokenizer the command's options name; `quantize` (default: --quantize) as from_pretrained's."""
     from . import AutoModelForCausalLM, AutoTokenizer
 
     args.model = args.model or default_model()
     dtype = {"auto": {}, "bf16": {"bf16": True}, "fp16": {"fp16": True}, "fp32": {"fp32": True}}[args.dtype]
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, device_map=args.device, **dtype,
-                                                 tensor_parallel=getattr(args, "tensor_parallel_size", 1) > 1)
+                                                 tensor_parallel=getattr(args, "tensor_parallel_size", 1) > 1,
+                                                 quantize=quantize or getattr(args, "quantize", None))
     return model, tokenizer
 
 
@@ -262,10 +266,15 @@ def cmd_bench(args) -> int:
     if modes and args.tensor_parallel_size > 1:
         raise UsageError("--quant runs in one process: drop --tensor-parallel-size")
     if args.model:
-        if modes:
-            raise UsageError("--quant measures random weights (--random-config); to load a checkpoint quantized, "
-                             "see from_pretrained(quantize=...)")
+        if args.quant_lm_head:
+            raise UsageError("--quant-lm-head goes with --random-config (checkpoints keep lm_head in float)")
         model, _ = _load(args)
+        if modes:  # each mode quantized while loading, as --quantize does
+            models = {bench.dtype_label(model.dtype): model}
+            models.update((mode, _load(args, quantize=mode)[0]) for mode in modes)
+            bench.compare(models, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
+                          repeats=args.repeats)
+            return 0
     else:
         from .loading import resolve_device
         device = resolve_device(args.device)
@@ -277,7 +286,7 @@ def cmd_bench(args) -> int:
             return bench.random_model(config, dtype, device, tensor_parallel=args.tensor_parallel_size > 1)
         model = build()
         if modes:
-            models = {str(dtype).replace("torch.", "").replace("bfloat16", "bf16"): model}
+            models = {bench.dtype_label(dtype): model}
             for mode in modes:
                 models[mode] = bench.quantize_random(build(), mode, lm_head=args.quant_lm_head)
             bench.compare(models, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,

@@ -16,7 +16,7 @@ from .config import GenerationConfig, QWenConfig
 from .errors import CheckpointError, OptionsError, OutputExistsError, UnknownOptionError
 from .model import parallel, placement
 from .model.language import pack_for_cpu
-from .model.quant import replace_with_quantized
+from .model.quant import MODES as QUANT_MODES, quantize_linear, quantized_module_names, replace_with_quantized
 from .model.qwen_vl import QWenLMHeadModel
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -142,10 +142,12 @@ class _Progress:
 
 
 def load_weights(model: QWenLMHeadModel, files: list[str], dtype: torch.dtype, device,
-                 progress: bool | None = None, shards: "parallel.Shards | None" = None) -> None:
+                 progress: bool | None = None, shards: "parallel.Shards | None" = None,
+                 quantizer: "OnLoadQuantizer | None" = None) -> None:
     """Fill a meta-device model from weight files, checking every name and shape. `shards`: a tensor-parallel
     rank's plan; shapes are checked against the full model's and only the rank's part is read. `device`: one
-    device, or a function of the tensor's name (a device_map)."""
+    device, or a function of the tensor's name (a device_map). `quantizer`: the linears it names keep the
+    checkpoint's dtype and are quantized as soon as they are loaded, shard by shard."""
     expected = {name: p.shape for name, p in model.state_dict(keep_vars=True).items()}
     if shards is not None:
         with torch.device("meta"):
@@ -169,12 +171,15 @@ def load_weights(model: QWenLMHeadModel, files: list[str], dtype: torch.dtype, d
             if shards is not None:
                 tensor = shards.take(name, tensor)
             # int4 codes stay integers and their scales fp16, as GPTQ stores them
-            keep = not tensor.is_floating_point() or name.endswith(".scales")
+            keep = not tensor.is_floating_point() or name.endswith(".scales") or \
+                (quantizer is not None and name in quantizer.tensor_names)  # quantized from the stored values
             target = device(name) if callable(device) else device
             tensors[name] = tensor.to(device=target, dtype=None if keep else dtype)
             seen.add(name)
         model.load_state_dict(tensors, strict=False, assign=True)
         del tensors
+        if quantizer is not None:
+            quantizer(model)
         bar.update(n)
     missing = sorted(set(expected) - seen)
     if missing:
@@ -182,8 +187,55 @@ def load_weights(model: QWenLMHeadModel, files: list[str], dtype: torch.dtype, d
         raise CheckpointError(f"the checkpoint lacks {len(missing)} tensors the model needs: {shown}")
 
 
-def quantization(config: QWenConfig, path: str) -> tuple[int, int] | None:
-    """(bits, group size) of a GPTQ 4- or 8-bit checkpoint (SPEC 8), None for a float one; others are refused."""
+class OnLoadQuantizer:
+    """from_pretrained(quantize=...): each linear it names is replaced by its round-to-nearest QuantLinear
+    (the code `qwenvl quantize` writes checkpoints with) once its weight and bias are loaded, so the float
+    decoder is never held whole: one shard's worth at most."""
+
+    def __init__(self, model: QWenLMHeadModel, bits: int, group_size: int, vision: bool):
+        self.bits, self.group_size, self.vision = bits, group_size, vision
+        self.pending = quantized_module_names(model, vision=vision)
+        self.tensor_names = {f"{name}.{part}" for name in self.pending for part in ("weight", "bias")}
+
+    def __call__(self, model: QWenLMHeadModel) -> None:
+        waiting = []
+        for name in self.pending:
+            linear = model.get_submodule(name)
+            if linear.weight.is_meta or (linear.bias is not None and linear.bias.is_meta):
+                waiting.append(name)  # its other tensor is in a later shard
+            else:
+                quantize_linear(model, name, self.group_size, self.bits)
+        self.pending = waiting
+
+    def config(self) -> dict:
+        """The quantization_config of the result (GPTQ's; `quantized_vision` is qwenvl's own)."""
+        q = {"bits": self.bits, "group_size": self.group_size, "desc_act": False, "sym": True, "quant_method": "gptq"}
+        return {**q, "quantized_vision": True} if self.vision else q
+
+
+def quantize_options(quantize, group_size, vision) -> tuple[int, int, bool] | None:
+    """from_pretrained's quantize= ("int4" | "int8" | None), quantize_group_size= and quantize_vision= ->
+    (bits, group size, vision) or None; a bad value is an OptionsError naming it."""
+    if quantize is None:
+        for name, value in (("quantize_group_size", group_size), ("quantize_vision", vision)):
+            if value not in (None, False):
+                raise OptionsError(f"{name}={value!r} goes with quantize='int4' or 'int8'")
+        return None
+    if not isinstance(quantize, str) or quantize not in QUANT_MODES:
+        raise OptionsError(f"quantize must be 'int4', 'int8' or None, got {quantize!r}")
+    bits, default = QUANT_MODES[quantize]
+    group_size = default if group_size is None else group_size
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size < 1 and group_size != -1):
+        raise OptionsError(f"quantize_group_size must be a positive integer or -1 (one group per output), "
+                           f"got {group_size!r}")
+    if not isinstance(vision, bool):
+        raise OptionsError(f"quantize_vision must be True or False, got {vision!r}")
+    return bits, group_size, vision
+
+
+def quantization(config: QWenConfig, path: str) -> tuple[int, int, bool] | None:
+    """(bits, group size, vision tower too) of a GPTQ 4- or 8-bit checkpoint (SPEC 8), None for a float one;
+    others are refused."""
     q = config.quantization_config
     if not q:
         return None
@@ -195,7 +247,7 @@ def quantization(config: QWenConfig, path: str) -> tuple[int, int] | None:
     if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size < 1 and group_size != -1):
         raise CheckpointError(f"{path}/config.json: quantization_config.group_size must be a positive integer "
                               f"or -1, got {group_size!r}")
-    return bits, group_size
+    return bits, group_size, q.get("quantized_vision") is True
 
 
 def check_folder(path) -> str:
@@ -214,13 +266,17 @@ IGNORED_KWARGS = {"trust_remote_code", "low_cpu_mem_usage", "use_safetensors", "
 
 def from_pretrained(path, *, bf16: bool = False, fp16: bool = False, fp32: bool = False, torch_dtype=None,
                     device_map=None, max_memory=None, progress: bool | None = None, adapter=None,
-                    tensor_parallel: bool = False, **kwargs) -> QWenLMHeadModel:
+                    tensor_parallel: bool = False, quantize: str | None = None, quantize_vision: bool = False,
+                    quantize_group_size: int | None = None, **kwargs) -> QWenLMHeadModel:
     """Load an official Qwen-VL checkpoint folder; accepts the official keyword arguments. `adapter`: a LoRA
     adapter folder (PEFT's format, as `qwenvl finetune --lora` and the original's finetune.py write it) applied
     on top and merged, as the original's AutoPeftModelForCausalLM + merge_and_unload. `tensor_parallel`: under
     torchrun, this rank's share of the model (see model/parallel.py), on cuda:LOCAL_RANK or the CPU.
     `device_map`: a device, "auto", or {module: device}; "auto" with GPUs or `max_memory` ({0: "20GiB", "cpu":
-    ...}) spreads the decoder blocks over the devices (see model/placement.py)."""
+    ...}) spreads the decoder blocks over the devices (see model/placement.py). `quantize`: "int8" or "int4",
+    a float checkpoint's decoder linears (with `quantize_vision` the ViT blocks' too) quantized round-to-nearest
+    while loading, as `qwenvl quantize` would write them (`quantize_group_size`: default 128 for int4, -1 for
+    int8)."""
     unknown = sorted(set(kwargs) - IGNORED_KWARGS)
     if unknown:
         raise UnknownOptionError(f"from_pretrained got unknown keyword argument(s): {', '.join(unknown)}")
@@ -231,6 +287,9 @@ def from_pretrained(path, *, bf16: bool = False, fp16: bool = False, fp32: bool 
     except (OSError, UnicodeDecodeError) as e:  # an unreadable config file is a broken checkpoint
         raise CheckpointError(f"cannot read the config files of {path}: {e}") from None
     quantized = quantization(config, path)
+    to_quantize = quantize_options(quantize, quantize_group_size, quantize_vision)
+    if to_quantize and quantized:
+        raise OptionsError(f"{path} is already quantized (GPTQ int{quantized[0]}): load it without quantize=")
     files = weight_files(path)
     placed, device = _placement(config, device_map, max_memory, tensor_parallel)
     dtype = resolve_dtype(config, device, torch_dtype, bf16, fp16, fp32)
@@ -242,11 +301,14 @@ def from_pretrained(path, *, bf16: bool = False, fp16: bool = False, fp32: bool 
     with torch.device("meta"):
         model = QWenLMHeadModel(config, generation_config)
         if quantized:
-            replace_with_quantized(model, quantized[1], bits=quantized[0])
+            replace_with_quantized(model, quantized[1], bits=quantized[0], vision=quantized[2])
+    quantizer = OnLoadQuantizer(model, *to_quantize) if to_quantize else None
+    if quantizer is not None and adapter is not None:
+        raise OptionsError("quantize= with an adapter: merge the adapter first (qwenvl merge), then quantize")
     shards = None
     if tensor_parallel:
-        if quantized or adapter is not None:
-            raise OptionsError("tensor_parallel=True runs float checkpoints only: for int4 use one process; "
+        if quantized or quantizer is not None or adapter is not None:
+            raise OptionsError("tensor_parallel=True runs float checkpoints only: for int4/int8 (or quantize=) use one process; "
                                "merge an adapter first (qwenvl merge)")
         parallel.check_sizes(config, int(os.environ.get("WORLD_SIZE", 1)))
         group = parallel.join(cuda=device.type == "cuda")
@@ -254,7 +316,9 @@ def from_pretrained(path, *, bf16: bool = False, fp16: bool = False, fp32: bool 
         parallel.shard_model(model, group)
         shards = parallel.Shards(config, group.rank, group.world)
     target = device if placed is None else (lambda name: placement.device_of(placed, name))
-    load_weights(model, files, dtype, target, progress, shards)
+    load_weights(model, files, dtype, target, progress, shards, quantizer)
+    if quantizer is not None:
+        config.quantization_config = quantizer.config()
     model.hf_device_map = {"": str(device)}
     if placed is not None:
         model.transformer.layer_devices = [placed[f"transformer.h.{i}"] for i in range(config.num_hidden_layers)]
