@@ -132,3 +132,51 @@ def test_bad_quantize_options_name_themselves(tmp_path):
         quantize_checkpoint(CHECKPOINT, tmp_path / "a", bits=3)
     with pytest.raises(OptionsError, match="group_size"):
         quantize_checkpoint(CHECKPOINT, tmp_path / "b", group_size=0)
+
+
+def test_bench_quantizes_in_memory_and_keeps_the_float_layers_packed():
+    from qwenvl import bench
+    from qwenvl.model import language
+    model = bench.random_model(bench.random_config("tiny"), torch.bfloat16, torch.device("cpu"))
+    want = model.lm_head.packed
+    assert want == language._onednn_bf16_reorder()
+    bench.quantize_random(model, "int4")
+    layer = model.transformer.h[0].mlp.w1
+    assert isinstance(layer, QuantLinear) and (layer._kernel is not None) == kernels.available(4, "cpu", torch.bfloat16)
+    assert model.lm_head.packed == want  # a float lm_head unpacked by the quantizing would decode 2x slower
+    model = bench.random_model(bench.random_config("tiny"), torch.bfloat16, torch.device("cpu"))
+    bench.quantize_random(model, "int8", lm_head=True)  # a packed lm_head quantizes from its plain weight
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.bits == 8
+
+
+@needs_int4
+@pytest.mark.parametrize("bits,group_size,act_order,sym", [(4, 32, False, True), (4, 128, True, False),
+                                                           (8, -1, False, True), (8, -1, False, False)])
+def test_many_rows_take_a_gemm_on_the_dequantized_weight_with_the_same_result(bits, group_size, act_order, sym,
+                                                                              monkeypatch):
+    layer = random_layer(256, 128, group_size, bits, act_order=act_order, sym=sym)
+    rows = kernels.DEQUANTIZE_ROWS[bits]
+    x = torch.randn(rows + 3, 256)
+    want = reference(layer, x)
+    layer.eval()
+    if layer._kernel["dense"] is None:
+        pytest.skip("this CPU's int4 layout is not the blocked one: the kernel reads it")
+    calls = []
+    for op in ("int4_mm", "int8_mm"):
+        real = getattr(kernels, op)
+        monkeypatch.setattr(kernels, op, lambda *a, real=real: calls.append(a[0].shape[0]) or real(*a))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+        assert calls == []  # the GEMM
+        assert float((layer(x.bfloat16()).float() - want).norm() / want.norm()) < 1e-2
+        torch.testing.assert_close(layer(x[:rows - 1]), want[:rows - 1], rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    assert calls == [rows - 1]  # fewer rows: the kernel
+
+
+def test_int4_block_layout_matches_the_probes():
+    block = kernels.int4_block("cpu")
+    if block is None:
+        pytest.skip("not the blocked layout here")
+    codes = torch.randint(0, 16, (2 * block, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    sz = torch.stack([torch.ones(1, 2 * block), torch.full((1, 2 * block), 8.0)], -1)  # W = code - 8 + 8 = code
+    assert torch.equal(kernels.dequantize_int4(kernels.pack_int4(codes), 2 * block, 64, block, 64, sz), codes.float())

@@ -244,8 +244,9 @@ def quantize_random(model, mode: str, lm_head: bool = False):
     from .model.quant import MODES, replace_with_quantized
 
     bits, group_size = MODES[mode]
-    replace_with_quantized(model.train(), group_size, quantize=True, bits=bits, lm_head=lm_head)
-    return model.eval()  # packs the codes for the device's kernel
+    # in eval mode: the new layers pack their codes for the device's kernel, the float ones stay packed
+    replace_with_quantized(model.eval(), group_size, quantize=True, bits=bits, lm_head=lm_head)
+    return model
 
 
 def peak_rss() -> int | None:

@@ -92,20 +92,35 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self._kernel
-        if k is not None and x.device == k["device"] and kernels.available(self.bits, str(x.device), x.dtype):
-            shape = x.shape
-            x2 = x.reshape(-1, shape[-1])
-            if k.get("perm") is not None:
-                x2 = x2[:, k["perm"]]
-            x2 = x2.contiguous()
+        if k is None or x.device != k["device"] or not kernels.available(self.bits, str(x.device), x.dtype):
+            return F.linear(x, self.dequantize(x.dtype), self.bias.to(x.dtype))
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if k.get("perm") is not None:
+            x2 = x2[:, k["perm"]]
+        x2 = x2.contiguous()
+        bias = None if k["bias"] is None else self._cast(k, "bias", x.dtype)
+        if x2.shape[0] >= kernels.DEQUANTIZE_ROWS[self.bits] and k["dense"]:  # a prefill: a GEMM beats the kernel
+            out = F.linear(x2, self._dense(x.dtype), bias)
+        else:
             if self.bits == 4:
                 out = kernels.int4_mm(x2, k["packed"], k["group"], self._cast(k, "scale_zeros", x.dtype))
             else:
                 out = kernels.int8_mm(x2, k["packed"], self._cast(k, "scale", x.dtype))
                 if k.get("offset") is not None:  # asymmetric zeros: W = s*(q + 128 - z), q the int8 code
                     out = out + x2.float().sum(-1, keepdim=True).to(x.dtype) * self._cast(k, "offset", x.dtype)
-            return (out + self._cast(k, "bias", x.dtype)).reshape(*shape[:-1], self.out_features)
-        return F.linear(x, self.dequantize(x.dtype), self.bias.to(x.dtype))
+            if bias is not None:
+                out = out + bias
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def _dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """The packed weight dequantized [out, in] (inputs in the kernel's order), for this call only."""
+        k = self._kernel
+        if self.bits == 4:
+            return kernels.dequantize_int4(k["packed"], self.out_features, self.in_features, k["dense"], k["group"],
+                                           self._cast(k, "scale_zeros", dtype))
+        weight = k["packed"].to(dtype) * self._cast(k, "scale", dtype)[:, None]
+        return weight if k.get("offset") is None else weight + self._cast(k, "offset", dtype)[:, None]
 
     @staticmethod
     def _cast(k: dict, name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -154,15 +169,18 @@ class QuantLinear(nn.Module):
                 packed = kernels.pack_int4(codes.contiguous())
             except RuntimeError:  # a shape the kernel refuses (e.g. outputs not a multiple of 16 on the CPU)
                 return False
+            block = kernels.int4_block(str(device))
             kernel = {"packed": packed, "group": group, "perm": perm if perm is None else perm.to(device),
-                      "scale_zeros": torch.stack([s, s * (8 - zeros[rows])], -1)}
+                      "scale_zeros": torch.stack([s, s * (8 - zeros[rows])], -1),
+                      "dense": block if block and self.out_features % block == 0 else None}  # see _dense
         else:
             if self.scales.shape[0] != 1:
                 return False  # the int8 kernel has one scale per output
-            kernel = {"packed": (codes - 128).to(torch.int8).contiguous(), "scale": scale[0]}
+            kernel = {"packed": (codes - 128).to(torch.int8).contiguous(), "scale": scale[0],
+                      "dense": device.type == "cpu"}
             if not bool((zeros == 128).all()):
                 kernel["offset"] = scale[0] * (128 - zeros[0])
-        kernel.update(device=device, bias=self.bias.float())
+        kernel.update(device=device, bias=self.bias.float() if bool(self.bias.any()) else None)  # GPTQ's zero biases
         self._kernel = kernel
         self.qweight = None  # held once, in the kernel's layout
         return True
@@ -262,7 +280,8 @@ def quantize_linear(model: nn.Module, name: str, group_size: int, bits: int) -> 
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     linear = getattr(parent, child)
-    setattr(parent, child, QuantLinear.quantize(linear.weight, linear.bias, group_size, bits).train(parent.training))
+    weight = linear.weight.to_dense() if linear.weight.is_mkldnn else linear.weight  # a oneDNN-packed Linear
+    setattr(parent, child, QuantLinear.quantize(weight, linear.bias, group_size, bits).train(parent.training))
 
 
 def replace_with_quantized(model: nn.Module, group_size: int = 128, quantize: bool = False, bits: int = BITS,

@@ -14,6 +14,10 @@ import functools
 import torch
 
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes the int4 kernels take, largest first
+# From this many rows (tokens in one call: a prefill) a GEMM on the weight dequantized for the call beats the
+# CPU kernels, whose cost grows with the rows as a GEMV's: one int8 (int4) dequantization and GEMM cost about
+# as much as 30 (150) rows of the kernel (measured on 1024x5632, bf16, one thread).
+DEQUANTIZE_ROWS = {8: 32, 4: 160}
 
 
 def _aten(name: str):
@@ -62,6 +66,36 @@ def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     codes = torch.empty(n * k, dtype=torch.int32)
     codes[_int4_positions(n, k, str(packed.device))] = _nibbles(packed).to(torch.int32)
     return codes.reshape(n, k).to(packed.device)
+
+
+@functools.lru_cache(maxsize=None)
+def int4_block(device: str) -> int | None:
+    """The output block B of the CPU int4 layout when it is the plain blocked one (bytes [N/B, K, B/2]; byte d
+    of block b at input k holds output b*B+d in its low nibble and b*B+B/2+d in its high one), checked by the
+    probes; None where it is not (then only the kernel reads the packed codes)."""
+    if device != "cpu":
+        return None
+    for block in (64, 32, 16):
+        n, k = 2 * block, 64
+        byte = torch.arange(n * k // 2).reshape(n // block, k, block // 2)
+        b, kk, d = (byte // (k * block // 2)), (byte // (block // 2)) % k, byte % (block // 2)
+        low, high = (b * block + d) * k + kk, (b * block + block // 2 + d) * k + kk
+        try:
+            if torch.equal(_int4_positions(n, k, device), torch.stack([low, high], -1).flatten()):
+                return block
+        except RuntimeError:
+            return None
+    return None
+
+
+def dequantize_int4(packed: torch.Tensor, n: int, k: int, block: int, group: int,
+                    scale_zeros: torch.Tensor) -> torch.Tensor:
+    """The weight [N, K] in scale_zeros' dtype from the CPU layout of int4_block (N a multiple of `block`)."""
+    p = packed.view(n // block, k, block // 2)
+    codes = torch.cat([p & 15, p >> 4], -1).transpose(1, 2).reshape(n, k // group, group)
+    scale = scale_zeros[..., 0].t().contiguous()[..., None]  # [N, K/g, 1]
+    zero = scale_zeros[..., 1].t().contiguous()[..., None] - 8 * scale
+    return torch.addcmul(zero, codes.to(scale_zeros.dtype), scale).view(n, k)
 
 
 @functools.lru_cache(maxsize=None)
