@@ -190,6 +190,13 @@ def test_cell_labels_follow_the_drawn_pixels(tmp_path):
     assert checked > 20
 
 
+# The demo recipe at a small shape (the golden checkpoint's widths, one block each, 112-pixel pictures): the
+# same code paths as DEMO_CONFIG at a fraction of the work (bf16 is slow on CPUs without AVX-512 BF16).
+SMALL_CONFIG = dict(hidden_size=128, num_hidden_layers=1, num_attention_heads=2, kv_channels=64, intermediate_size=256,
+                    seq_length=2048, bf16=True, visual=dict(image_size=112, patch_size=14, width=64, layers=1, heads=2,
+                                                            mlp_ratio=2.0, output_dim=128))
+
+
 def test_pretrain_vision_fits_a_few_pictures(tmp_path):
     from qwenvl.data import synth
 
@@ -197,18 +204,19 @@ def test_pretrain_vision_fits_a_few_pictures(tmp_path):
                    tasks=("caption",))
     pictures = [(str(tmp_path / r["meta"]["images"][0]["file"]), r["meta"]["images"][0])
                 for r in json.loads((tmp_path / "train.json").read_text())]
-    model = demo.init_model(demo.demo_config(), set(range(300)), seed=0)
+    model = demo.init_model(demo.demo_config(SMALL_CONFIG), set(range(300)), seed=0)
     frozen = model.transformer.visual.attn_pool.pos_embed.clone()
-    log, finished = demo.pretrain_vision(model.transformer.visual, pictures, steps=60, batch_size=4, lr=2e-3,
+    log, finished = demo.pretrain_vision(model.transformer.visual, pictures, steps=30, batch_size=4, lr=2e-3,
                                          log_every=1)
     assert finished
-    assert [r["step"] for r in log] == list(range(1, 61))
+    assert [r["step"] for r in log] == list(range(1, 31))
     first, last = (sum(r["loss"] for r in part) / 5 for part in (log[:5], log[-5:]))
-    assert last < 0.75 * first, log
+    assert last < 0.75 * first, log  # measured: 0.11 of the first five steps' loss
     assert torch.equal(model.transformer.visual.attn_pool.pos_embed, frozen)  # the sin-cos table stays fixed
 
 
-TINY_BUILD = dict(n_train=24, steps=4, batch_size=1, vision_steps=2, num_workers=0)  # stages 1, 3, 1 steps
+TINY_BUILD = dict(n_train=24, steps=4, batch_size=1, vision_steps=2, num_workers=0,  # stages 1, 3, 1 steps
+                  config=demo.demo_config(SMALL_CONFIG))
 
 
 def build_weights(folder: Path) -> dict:
@@ -217,9 +225,17 @@ def build_weights(folder: Path) -> dict:
     return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
-def test_build_stopped_by_the_clock_resumes_to_the_same_model(tmp_path):
+@pytest.fixture(scope="module")
+def straight_build(tmp_path_factory) -> tuple[Path, dict]:
+    """One uninterrupted tiny build (its output folder and build's result), shared by the resume tests."""
+    folder = tmp_path_factory.mktemp("straight")
+    result = demo.build(str(folder / "a"), str(folder / "a.work"), **TINY_BUILD)
+    return folder / "a", result
+
+
+def test_build_stopped_by_the_clock_resumes_to_the_same_model(tmp_path, straight_build):
     """Stopped in stage 0, then in stage 2, then run to the end: the same bf16 weights as one straight build."""
-    straight = demo.build(str(tmp_path / "a"), str(tmp_path / "a.work"), **TINY_BUILD)
+    straight_out, straight = straight_build
     assert straight["finished"] and straight["total_seconds"] > 0
     out, work = str(tmp_path / "b"), str(tmp_path / "b.work")
     first = demo.build(out, work, minutes=0, **TINY_BUILD)  # one stage-0 step, then the clock stops it
@@ -235,22 +251,22 @@ def test_build_stopped_by_the_clock_resumes_to_the_same_model(tmp_path):
     assert not (tmp_path / "b.work" / "stage2" / "model").exists()
     third = demo.build(out, work, resume=True, **TINY_BUILD)
     assert third["finished"] and set(third["seconds"]) == {"init", "stage1", "stage2", "stage3"}
-    a, b = build_weights(tmp_path / "a"), build_weights(tmp_path / "b")
+    a, b = build_weights(straight_out), build_weights(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     record = json.loads((tmp_path / "b" / "build.json").read_text())
     assert record["total_seconds"] == round(third["total_seconds"]) and record["devices"]
 
 
-def test_resume_without_a_work_folder_warm_starts_from_the_shipped_checkpoint(tmp_path):
-    demo.build(str(tmp_path / "base"), str(tmp_path / "base.work"), **TINY_BUILD)
-    base_seconds = json.loads((tmp_path / "base" / "build.json").read_text())["total_seconds"]
+def test_resume_without_a_work_folder_warm_starts_from_the_shipped_checkpoint(tmp_path, straight_build):
+    base = straight_build[0]
+    base_seconds = json.loads((base / "build.json").read_text())["total_seconds"]
     result = demo.build(str(tmp_path / "next"), str(tmp_path / "new-machine"), resume=True, more_steps=2,
-                        base=str(tmp_path / "base"), **TINY_BUILD)
+                        base=str(base), **TINY_BUILD)
     assert result["finished"] and list(result["seconds"]) == ["more1"]
     assert result["total_seconds"] > base_seconds
     history = json.loads((tmp_path / "new-machine" / "more1" / "history.json").read_text())
-    assert [h["step"] for h in history] == [1, 2] and history[0]["lr"] < history[1]["lr"] or len(history) == 2
-    before, after = build_weights(tmp_path / "base"), build_weights(tmp_path / "next")
+    assert [h["step"] for h in history] == [1, 2]
+    before, after = build_weights(base), build_weights(tmp_path / "next")
     assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained on
     again = demo.build(str(tmp_path / "next"), str(tmp_path / "new-machine"), resume=True, more_steps=1,
                        **TINY_BUILD)  # a finished work folder: another round from its own last model

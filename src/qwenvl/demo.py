@@ -58,8 +58,9 @@ FROZEN = ("transformer.visual.conv1", "transformer.visual.positional_embedding",
           "transformer.visual.transformer", "transformer.visual.attn_pool")
 
 
-def demo_config() -> QWenConfig:
-    spec = dict(DEMO_CONFIG)
+def demo_config(spec: dict = DEMO_CONFIG) -> QWenConfig:
+    """The model's shape from a DEMO_CONFIG-like dict (a smaller one builds the same recipe faster)."""
+    spec = dict(spec)
     visual = VisualConfig(**spec.pop("visual"))
     return QWenConfig(**spec, visual=visual, extra={"model_type": "qwen", "architectures": ["QWenLMHeadModel"],
                                                     "torch_dtype": "bfloat16"})
@@ -256,14 +257,13 @@ def pretrain_vision(visual, pictures: list[tuple[str, dict]], steps: int = VISIO
     return log, True
 
 
-def write_init(out: Path, records: list[dict], data_dir: Path, tokenizer_dir: Path, seed: int,
+def write_init(out: Path, records: list[dict], data_dir: Path, tokenizer_dir: Path, seed: int, config: QWenConfig,
                vision_steps: int = VISION_STEPS, deadline: float | None = None) -> bool:
-    """The initial checkpoint: fresh weights (init_model), then stage 0 for the vision tower; False when the
-    deadline stopped stage 0 (its state is kept next to `out` for the next call)."""
+    """The initial checkpoint: fresh weights (init_model) of shape `config`, then stage 0 for the vision tower;
+    False when the deadline stopped stage 0 (its state is kept next to `out` for the next call)."""
     from .tokenizer import QWenTokenizer
 
     tokenizer = QWenTokenizer.from_pretrained(str(tokenizer_dir))
-    config = demo_config()
     model = init_model(config, tokens_of(records, tokenizer), seed)  # the same weights every call (seeded)
     pictures = [(str(data_dir / image["file"]), image) for record in records for image in record["meta"]["images"]]
     state_path = out.with_name(out.name + ".stage0.pt")
@@ -337,14 +337,16 @@ def device_name() -> str:
 
 def build(out: str, work: str, n_train: int = 16000, steps: int = 1200, batch_size: int = 16, seed: int = 0,
           num_workers: int = 1, vision_steps: int = VISION_STEPS, minutes: float | None = None,
-          resume: bool = False, more_steps: int = MORE_STEPS, base: str | None = None) -> dict:
+          resume: bool = False, more_steps: int = MORE_STEPS, base: str | None = None,
+          config: QWenConfig | None = None) -> dict:
     """Train the demo model into `out` (bf16, official layout) through the work folder `work`.
 
     Without `resume`: a build from scratch (synthesize data, init with stage 0, stages 1 -> 2 -> 3). With it:
     the work folder's build continues where it stopped; a finished one (or none, as on a new machine) gets a
     continuation round of `more_steps` from its last model (or from `base`, default the shipped model). With
     `minutes`, training stops cleanly at a step boundary once they have passed, its state saved in `work`;
-    returns {"finished": bool, "seconds": per part, "total_seconds": cumulative training time, "device"}."""
+    returns {"finished": bool, "seconds": per part, "total_seconds": cumulative training time, "device"}.
+    `config` is the model's shape from scratch (default demo_config(); a resume passes the same one)."""
     from .train.loop import TrainArgs, train
 
     for name, value in (("--steps", steps), ("--vision-steps", vision_steps), ("--more-steps", more_steps),
@@ -385,7 +387,8 @@ def build(out: str, work: str, n_train: int = 16000, steps: int = 1200, batch_si
         os.replace(tmp, record_path)
 
     save_record()
-    size = DEMO_CONFIG["visual"]["image_size"]
+    config = config or demo_config()
+    size = config.visual.image_size
     data_dir = work / "data"
     if not (data_dir / "train.json").exists():  # deterministic: a new machine regenerates the same records
         synth.generate(data_dir, record["n_train"], seed=record["seed"], split="train", image_size=size,
@@ -402,8 +405,8 @@ def build(out: str, work: str, n_train: int = 16000, steps: int = 1200, batch_si
             continue
         t0 = time.time()
         if part["name"] == "init":
-            finished = write_init(work / "init", records, data_dir, DEMO_MODEL, record["seed"], part["vision_steps"],
-                                  deadline)
+            finished = write_init(work / "init", records, data_dir, DEMO_MODEL, record["seed"], config,
+                                  part["vision_steps"], deadline)
         else:
             source = Path(part["from"]) if Path(part["from"]).is_absolute() else work / part["from"]
             args = TrainArgs(model=str(source), data=str(data_dir / part["data"]), output=str(work / part["name"]),
