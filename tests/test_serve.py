@@ -152,6 +152,40 @@ def test_completions_models_health(client, open_server):
     assert httpx.get(open_server.url + "/health").json()["status"] == "ok"
 
 
+def test_completions_take_a_list_of_prompts_strings_or_token_ids(client, tokenizer):
+    """OpenAI's prompt list: one choice per prompt and per n (index = prompt * n + k), each the same text as
+    that prompt alone, usage summed; token-id prompts are the same prompts; a bad element is named by index."""
+    texts = ["Once upon a time", "Hello there, how"]
+    greedy = dict(model="golden", max_tokens=3, temperature=0)
+    alone = [client.completions.create(prompt=t, **greedy) for t in texts]
+    reply = client.completions.create(prompt=texts, n=2, **greedy)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    assert [c.text for c in reply.choices] == [a.choices[0].text for a in alone for _ in range(2)]
+    assert reply.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert reply.usage.completion_tokens == 2 * sum(a.usage.completion_tokens for a in alone)
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    ids = [tokenizer.encode(t) for t in texts]
+    assert [c.text for c in client.completions.create(prompt=ids, **greedy).choices] == \
+        [a.choices[0].text for a in alone]
+    assert client.completions.create(prompt=ids[1], **greedy).choices[0].text == alone[1].choices[0].text
+    streamed = ["", ""]
+    for chunk in client.completions.create(prompt=texts, stream=True, **greedy):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == [a.choices[0].text for a in alone]
+    for prompt, words in ((["fine", 5], "prompt[1]: each prompt must be a string or a list of token ids"),
+                          ([[1, 2], [3, "x"]], "prompt[1]: each prompt must be"),
+                          (["fine", "word " * 450], "prompt[1]: the prompt's"),  # over the 400 tokens of a slot
+                          ([[1], [2, 10 ** 7]], "prompt[1]: the prompt holds ids outside the vocabulary"),
+                          (["fine", ""], "prompt[1]: the prompt is empty"),
+                          ([], "prompt: give at least one prompt")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(prompt=prompt, **greedy)
+        error = e.value.response.json()["error"]
+        assert error["message"].startswith(words), error
+    assert error["param"] == "prompt"
+
+
 def _post(server, body, key="sekret", path="/v1/chat/completions"):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.post(server.url + path, json=body, headers=headers, timeout=60)

@@ -203,28 +203,37 @@ def build_app(engine: LLMEngine, tokenizer, settings: ServerSettings | None = No
             raise APIError(400, "stop: at most 4 non-empty strings", param="stop")
         return stops
 
-    async def submit(prompt: Prompt, params: SamplingParams, n: int, logprobs: int | None, images, queue, loop):
+    async def submit(prompts: list[Prompt], labels: list[str | None], field: str, params: SamplingParams, n: int,
+                     logprobs: int | None, images, queue, loop):
+        """n sequences per prompt, prompt by prompt (choice index = prompt index * n + k); a refused prompt
+        cancels the ones queued before it, and its error names it by `labels` (None: the request's `field`)."""
         seqs = []
 
         def listener(seq, tokens):
             loop.call_soon_threadsafe(queue.put_nowait, seq)
 
         try:
-            for i in range(n):
-                p = params if i == 0 or params.seed is None else \
-                    SamplingParams(**{**params.__dict__, "seed": params.seed + i})
-                seqs.append(engine.add_request(prompt.ids, p, images=images, listener=listener, logprobs=logprobs))
-        except QueueFull as e:
+            for prompt, label in zip(prompts, labels):
+                for i in range(n):
+                    p = params if i == 0 or params.seed is None else \
+                        SamplingParams(**{**params.__dict__, "seed": params.seed + i})
+                    try:
+                        seqs.append(engine.add_request(prompt.ids, p, images=images, listener=listener,
+                                                       logprobs=logprobs))
+                    except QueueFull as e:
+                        raise APIError(429, str(e), "rate_limit_error",
+                                       headers={"Retry-After": str(settings.retry_after_s)}) from None
+                    except EngineStopped as e:
+                        raise APIError(503, str(e), "service_unavailable",
+                                       headers={"Retry-After": str(settings.retry_after_s)}) from None
+                    except QwenVLError as e:
+                        raise APIError(400, f"{label}: {e}" if label else str(e),
+                                       param=_param_of(str(e)) or label or field) from None
+        except APIError:
             for s in seqs:
                 engine.abort(s)
-            raise APIError(429, str(e), "rate_limit_error", headers={"Retry-After": str(settings.retry_after_s)})
-        except EngineStopped as e:
-            raise APIError(503, str(e), "service_unavailable", headers={"Retry-After": str(settings.retry_after_s)})
-        except QwenVLError as e:
-            for s in seqs:
-                engine.abort(s)
-            raise APIError(400, str(e), param=_param_of(str(e)) or "messages") from None
-        metrics.prompt_tokens.inc(len(prompt.ids) * n)
+            raise
+        metrics.prompt_tokens.inc(sum(len(p.ids) for p in prompts) * n)
         return seqs
 
     def observe(seq, last: list) -> None:
@@ -237,12 +246,14 @@ def build_app(engine: LLMEngine, tokenizer, settings: ServerSettings | None = No
             metrics.itl.observe(now - last[0])
         last[0] = now
 
-    async def run(request: Request, req, prompt: Prompt, params, logprobs, endpoint: str, render):
-        images = await pictures(prompt)
+    async def run(request: Request, req, prompts: list[Prompt], labels: list[str | None], params, logprobs,
+                  endpoint: str, render):
+        images = await pictures(prompts[0])  # the prompts of one request show the same pictures
         stops = stops_of(req)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        seqs = await submit(prompt, params, req.n, logprobs, images, queue, loop)
+        field = "messages" if endpoint == "chat" else "prompt"
+        seqs = await submit(prompts, labels, field, params, req.n, logprobs, images, queue, loop)
         choices = [Choice(s, tokenizer, stops) for s in seqs]
         index = {s.id: i for i, s in enumerate(seqs)}
         created, rid = int(time.time()), f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
@@ -277,9 +288,8 @@ def build_app(engine: LLMEngine, tokenizer, settings: ServerSettings | None = No
                         engine.abort(s)
 
         def usage() -> dict:
-            completion = sum(len(s.output) for s in seqs)
-            return {"prompt_tokens": len(prompt.ids), "completion_tokens": completion,
-                    "total_tokens": len(prompt.ids) + completion}
+            given, completion = sum(len(p.ids) for p in prompts), sum(len(s.output) for s in seqs)
+            return {"prompt_tokens": given, "completion_tokens": completion, "total_tokens": given + completion}
 
         if not req.stream:
             async for _ in events():
@@ -318,18 +328,19 @@ def build_app(engine: LLMEngine, tokenizer, settings: ServerSettings | None = No
             raise APIError(400, str(e), param=str(e).split(":")[0] if str(e).startswith("messages") else "messages")
         params = sampling(req, req.max_completion_tokens or req.max_tokens, len(prompt.ids))
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return await run(request, req, prompt, params, logprobs, "chat", ChatRender(settings.served_model_name, tokenizer))
+        return await run(request, req, [prompt], [None], params, logprobs, "chat",
+                         ChatRender(settings.served_model_name, tokenizer))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await parse(request, CompletionRequest)
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if len(prompts) != 1:
-            raise APIError(400, "prompt: give one prompt per request", param="prompt")
-        prompt = builder.completion(prompts[0], req.images)
-        params = sampling(req, req.max_tokens or 16, len(prompt.ids))
+        given = completion_prompts(req.prompt)
+        labels = [None] if isinstance(req.prompt, str) or _is_ids(req.prompt) else \
+            [f"prompt[{i}]" for i in range(len(given))]
+        prompts = [builder.completion(p, req.images) for p in given]
+        params = sampling(req, req.max_tokens or 16, 0)  # (the prompt's length matters only without max_tokens)
         params.stop_words_ids = []
-        return await run(request, req, prompt, params, req.logprobs, "completion",
+        return await run(request, req, prompts, labels, params, req.logprobs, "completion",
                          CompletionRender(settings.served_model_name, tokenizer))
 
     @app.post("/tokenize")
@@ -359,6 +370,26 @@ def build_app(engine: LLMEngine, tokenizer, settings: ServerSettings | None = No
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _is_ids(value) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def completion_prompts(prompt) -> list[str | list[int]]:
+    """The completions API's prompt (a string, a list of strings, a list of token ids, or a list of token-id
+    lists) as a list of prompts; an element of another kind is refused by its index."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt: give at least one prompt", param="prompt")
+    if _is_ids(prompt):
+        return [prompt]
+    for i, p in enumerate(prompt):
+        if not (isinstance(p, str) or _is_ids(p)):
+            raise APIError(400, f"prompt[{i}]: each prompt must be a string or a list of token ids (integers), "
+                                f"got {json.dumps(p)[:60]}", param=f"prompt[{i}]")
+    return list(prompt)
 
 
 def _sse(payload: dict) -> str:

@@ -94,9 +94,11 @@ class PromptBuilder:
         ids = system.ids + context + self.nl + query.ids + self.nl + [tk.im_start_id] + tk.encode("assistant") + self.nl
         return Prompt(ids, urls + query.urls)
 
-    def completion(self, prompt: str, urls: list[str]) -> Prompt:
-        """A base model's prompt: `Picture n:<img></img>\\n` per image, then the text."""
+    def completion(self, prompt: str | list[int], urls: list[str]) -> Prompt:
+        """A base model's prompt: `Picture n:<img></img>\\n` per image, then the text (or the token ids)."""
         ids = []
         for n in range(1, len(urls) + 1):
             ids += self.text(("\n" if n > 1 else "") + f"Picture {n}:") + self.span
-        return Prompt(ids + self.text(("\n" if urls else "") + prompt), list(urls))
+        if isinstance(prompt, str):
+            return Prompt(ids + self.text(("\n" if urls else "") + prompt), list(urls))
+        return Prompt(ids + (self.nl if urls else []) + list(prompt), list(urls))

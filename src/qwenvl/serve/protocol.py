@@ -62,7 +62,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
+    prompt: str | list  # or a list of strings, token ids, or token-id lists: checked by completion_prompts
     images: list[str] = Field(default_factory=list)  # extra: image URLs, shown before the prompt
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
