@@ -131,6 +131,13 @@ class LLMEngine:
         with self._lock:
             self._lock.notify_all()
 
+    def abort_all(self) -> None:
+        """Cancel every queued and running request (a server's shutdown past its timeout)."""
+        with self._lock:
+            for seq in list(self._inbox) + list(self.scheduler.waiting) + list(self.scheduler.running):
+                seq.aborted = True
+            self._lock.notify_all()
+
     @property
     def num_running(self) -> int:
         return len(self.scheduler.running)

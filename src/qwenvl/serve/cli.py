@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
 
 from ..errors import OptionsError
 
@@ -26,7 +28,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-images-per-request", type=int, default=8)
     p.add_argument("--image-fetch-timeout", type=float, default=10.0, help="seconds for one image download")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="on SIGTERM, seconds to finish running streams")
+                   help="on SIGTERM, seconds to finish running requests; then they end with an error (a stream: an "
+                        "error event and [DONE]) and the server exits")
     p.add_argument("--ui", action="store_true", help="also serve the chat page at /ui, on the same engine "
                    "(needs the web extra); with --api-key the page asks for the key as its password")
 
@@ -111,14 +114,25 @@ def build_web(model, tokenizer, args):
     return webui.web_app(engine, tokenizer, _model_name(args), media, args.max_images_per_request)
 
 
+# After --shutdown-timeout the requests still running are ended; these seconds more let their last event out.
+END_GRACE_S = 5.0
+
+
 def serve(model, tokenizer, args, web: bool = False) -> int:
     import uvicorn
 
     app = build_web(model, tokenizer, args) if web else build(model, tokenizer, args)
+    engine, timeout = app.state.engine, getattr(args, "shutdown_timeout", 30.0)
+    if not timeout >= 0:
+        raise OptionsError(f"--shutdown-timeout must be 0 or more seconds, got {timeout}")
+    cutoff = threading.Timer(timeout, engine.abort_all)
+    cutoff.daemon = True
 
     class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):  # SIGTERM / Ctrl-C: admit nothing more, let running streams finish
-            app.state.engine.accepting = False
+        def handle_exit(self, sig, frame):  # SIGTERM / Ctrl-C: admit nothing more, let running requests finish
+            engine.accepting = False
+            if not self.should_exit:
+                cutoff.start()
             super().handle_exit(sig, frame)
             # uvicorn raises a captured signal again once it has shut down, which kills the process with it:
             # a shutdown that went as asked ends with status 0
@@ -127,8 +141,15 @@ def serve(model, tokenizer, args, web: bool = False) -> int:
     url = f"http://{args.host}:{args.port}"
     print(f"qwenvl: the chat page on {url}/" if web else f"qwenvl: serving on {url}/v1" +
           (f", the chat page on {url}/ui" if args.ui else ""), flush=True)
-    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                          timeout_graceful_shutdown=getattr(args, "shutdown_timeout", 30.0))).run()
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                   timeout_graceful_shutdown=timeout + END_GRACE_S))
+    # uvicorn raises a SIGTERM again once its graceful shutdown is done; handled here, the exit status is 0
+    previous = signal.signal(signal.SIGTERM, server.handle_exit)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        cutoff.cancel()
     return 0
 
 

@@ -275,6 +275,9 @@ def build_app(engine: LLMEngine, tokenizer, settings: ServerSettings | None = No
                         continue
                     if seq.finish_reason == "error":
                         raise APIError(500, f"the request failed in the engine: {seq.error}", "server_error")
+                    if seq.finish_reason == "abort" and not choice.stopped:  # not by us: the server shuts down
+                        raise APIError(503, "the server shut down before the answer was complete (--shutdown-timeout)",
+                                       "service_unavailable")
                     observe(seq, last[i])
                     delta = choice.update()
                     if choice.stopped and not seq.finished:
