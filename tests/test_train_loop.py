@@ -41,7 +41,8 @@ def args(data_file, output, **changes):
 
 
 def test_loss_falls_and_the_answer_is_memorized(data_file, tmp_path):
-    result = train(args(data_file, tmp_path / "out", max_steps=80, train=("llm",), num_workers=1))
+    # measured: 50 steps at this rate bring the loss to 4e-4 of the first and both answers out exactly; 40 do not
+    result = train(args(data_file, tmp_path / "out", max_steps=55, lr=1e-2, train=("llm",), num_workers=1))
     losses = [r["loss"] for r in result["history"]]
     assert losses[-1] < losses[0] / 100
     folder = tmp_path / "out" / "model"
