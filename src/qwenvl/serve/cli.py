@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import threading
 
 from ..errors import OptionsError
@@ -143,12 +142,9 @@ def serve(model, tokenizer, args, web: bool = False) -> int:
           (f", the chat page on {url}/ui" if args.ui else ""), flush=True)
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                    timeout_graceful_shutdown=timeout + END_GRACE_S))
-    # uvicorn raises a SIGTERM again once its graceful shutdown is done; handled here, the exit status is 0
-    previous = signal.signal(signal.SIGTERM, server.handle_exit)
     try:
         server.run()
     finally:
-        signal.signal(signal.SIGTERM, previous)
         cutoff.cancel()
     return 0
 
