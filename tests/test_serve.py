@@ -236,3 +236,15 @@ def test_error_codes(strict_server):
     finally:
         strict_server.engine.accepting = True
     assert _post(strict_server, body).status_code == 200
+
+
+def test_bench_serve_measures_both_servers(model, tokenizer, capsys):
+    """`qwenvl bench-serve` on a tiny load: its client (a process of its own) gets every token from both servers."""
+    from qwenvl.serve.bench import bench_serve
+
+    rows = bench_serve(model, tokenizer, requests=3, concurrency=[1, 2], max_tokens=2, max_prefill_tokens=512)
+    assert [(r["max_num_seqs"], r["concurrency"]) for r in rows] == [(2, 1), (2, 2), (1, 1), (1, 2)]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and 0 < r["ttft_p50"] <= r["ttft_p99"] and r["requests_per_s"] > 0
+    printed = capsys.readouterr().out
+    assert "conversation: turn 1 first token" in printed and printed.count("\n") >= 5

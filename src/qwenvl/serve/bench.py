@@ -3,15 +3,18 @@ one-at-a-time server (`--max-num-seqs 1`) on the same model in the same run, so 
 
 Prints output tokens/s, requests/s, time to first token and inter-token latency (p50, p99) per server and
 concurrency, then the turn-2 / turn-1 time to first token of a conversation about one picture (the
-prefix cache's gain). Both servers run in this process on 127.0.0.1; the client is the openai SDK's wire
-format over httpx, streaming.
+prefix cache's gain). Both servers run in this process on 127.0.0.1; the client, the openai SDK's wire
+format over httpx, streaming, runs in a process of its own (as vLLM's benchmark_serving does), so parsing the
+streams does not take the server's interpreter lock.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import io
 import json
+import multiprocessing
 import socket
 import statistics
 import threading
@@ -122,32 +125,47 @@ async def _turns(url: str, max_tokens: int) -> tuple[float, float]:
 
 def bench_serve(model, tokenizer, requests: int, concurrency: list[int], max_tokens: int, max_prefill_tokens: int,
                 pictures: int | None = None) -> list[dict]:
-    from ..engine import LLMEngine
-    from .openai_api import ServerSettings, build_app
-
     if requests < 1 or max_tokens < 1 or not concurrency or min(concurrency) < 1:
         raise OptionsError("--requests, --max-tokens and every --concurrency must be at least 1")
     uris = [_picture_uri(i) for i in range(pictures or requests)]  # distinct: no prefix shared across requests
-    per_seq = 300 + max_tokens + 32  # picture span, question, answer
     rows = []
-    for seqs in (max(concurrency), 1):
-        engine = LLMEngine(model, max_num_seqs=seqs, kv_cache_tokens=seqs * per_seq,
-                           max_prefill_tokens=max_prefill_tokens, max_queue=requests + 8)
-        server = LocalServer(build_app(engine, tokenizer, ServerSettings(served_model_name="bench")))
-        try:
-            asyncio.run(_load(server.url, min(4, requests), 1, 2, uris))  # warm-up
-            for c in concurrency:
-                if seqs == 1 and c != max(concurrency) and c != 1:
-                    continue  # one at a time: the queue decides, the figure does not depend on C
-                result = asyncio.run(_load(server.url, requests, c, max_tokens, uris))
-                rows.append({"max_num_seqs": seqs, "concurrency": c, **result})
-                print(_row(rows[-1]), flush=True)
-            if seqs == max(concurrency):
-                t1, t2 = asyncio.run(_turns(server.url, max_tokens))
-                print(f"conversation: turn 1 first token {t1 * 1000:.0f} ms, turn 2 {t2 * 1000:.0f} ms "
-                      f"({t2 / t1:.2f}x)", flush=True)
-        finally:
-            server.stop()
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        client = lambda *args: pool.submit(_in_client, *args).result()
+        for seqs in (max(concurrency), 1):
+            rows += _measure(model, tokenizer, seqs, requests, concurrency, max_tokens, max_prefill_tokens, uris, client)
+    return rows
+
+
+def _in_client(load, *args):
+    """One of the load coroutines (`_load`, `_turns`) run to its end, in the client process."""
+    return asyncio.run(load(*args))
+
+
+def _measure(model, tokenizer, seqs: int, requests: int, concurrency: list[int], max_tokens: int,
+             max_prefill_tokens: int, uris: list[str], client) -> list[dict]:
+    """The rows of one server (`--max-num-seqs seqs`); `client(load, *args)` runs a load in the client process."""
+    from ..engine import LLMEngine
+    from .openai_api import ServerSettings, build_app
+
+    per_seq = 300 + max_tokens + 32  # picture span, question, answer
+    engine = LLMEngine(model, max_num_seqs=seqs, kv_cache_tokens=seqs * per_seq,
+                       max_prefill_tokens=max_prefill_tokens, max_queue=requests + 8)
+    server = LocalServer(build_app(engine, tokenizer, ServerSettings(served_model_name="bench")))
+    rows = []
+    try:
+        client(_load, server.url, min(4, requests), 1, 2, uris)  # warm-up
+        for c in concurrency:
+            if seqs == 1 and c != max(concurrency) and c != 1:
+                continue  # one at a time: the queue decides, the figure does not depend on C
+            rows.append({"max_num_seqs": seqs, "concurrency": c,
+                         **client(_load, server.url, requests, c, max_tokens, uris)})
+            print(_row(rows[-1]), flush=True)
+        if seqs == max(concurrency):
+            t1, t2 = client(_turns, server.url, max_tokens)
+            print(f"conversation: turn 1 first token {t1 * 1000:.0f} ms, turn 2 {t2 * 1000:.0f} ms "
+                  f"({t2 / t1:.2f}x)", flush=True)
+    finally:
+        server.stop()
     return rows
 
 
