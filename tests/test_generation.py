@@ -396,3 +396,14 @@ def test_unknown_or_unsupported_generation_options_are_refused(model, tokenizer)
         model.chat(tokenizer, "hi", history=None, temprature=0.1)
     out = model.generate(ids, max_new_tokens=2, do_sample=False, use_cache=True, num_beams=1)
     assert out.shape == (1, 5)
+
+
+def test_greedy_is_argmax_with_its_tie_rule():
+    from qwenvl.generation import greedy
+
+    generator = torch.Generator().manual_seed(0)
+    ties = torch.randint(0, 4, (16, 5000), generator=generator).float()  # many equal maxima in every row
+    assert torch.equal(greedy(ties), ties.argmax(-1))
+    wide = torch.randn(32, 151936, generator=generator, dtype=torch.float64)
+    wide[3, 100] = float("nan")
+    assert torch.equal(greedy(wide), wide.float().argmax(-1))

@@ -16,7 +16,7 @@ import torch
 from .. import processor
 from ..chat import DEFAULT_SYSTEM, _prepare, check_history, reply_ids
 from ..errors import OptionsError, QwenVLError, RequestError
-from ..generation import SamplingParams, _ends_with_stop, check_positions, next_tokens
+from ..generation import SamplingParams, _ends_with_stop, check_positions, greedy, next_tokens
 from ..model.language import ntk_alpha
 from .cache_pool import CachePool
 from .runner import ModelRunner
@@ -181,7 +181,7 @@ class LLMEngine:
         chunks = [c for c in chunks if not c.seq.finished]
         self.stats["steps"] += 1
         now = time.monotonic()
-        argmax = logits.float().argmax(-1).tolist() if logits is not None and any(  # one call for every plain greedy row
+        argmax = greedy(logits).tolist() if logits is not None and any(  # one call for every plain greedy row
             c.sample and self._plain_greedy(c.seq) for c in chunks) else None
         sampling = []
         for c in chunks:
