@@ -145,6 +145,7 @@ def test_the_engine_goes_through_the_processor(processor, model, monkeypatch, in
     ([torch.zeros(3, 8, 8)], r"shape \(3, 448, 448\)"),
     ("images/x.png", "images must be a list"),
     ([123], "cannot use an object of type int"),
+    ([torch.zeros(10, 128)], r"features must have shape \(256, 128\)"),
 ])
 def test_bad_images_name_the_problem(processor, model, images, message, in_golden):
     ids = processor(CAPTION["prompt"])["input_ids"]

@@ -69,9 +69,17 @@ def span_references(config, input_ids: torch.Tensor) -> list[str]:
     return [image_io.decode_reference(input_ids[r, a + 1:a + 1 + n].tolist()) for r, a in image_spans(config, input_ids)]
 
 
-def is_features(image, config) -> bool:
+def is_features(image) -> bool:
     """A tensor of one image's features [n_queries, output_dim] rather than its pixels [3, S, S]."""
     return isinstance(image, torch.Tensor) and image.dim() == 2
+
+
+def _checked_features(features: torch.Tensor, config) -> torch.Tensor:
+    shape = (config.visual.n_queries, config.visual.output_dim)
+    if tuple(features.shape) != shape:
+        raise RequestError(f"image features must have shape {shape} (one image's, as encode_images gives them), "
+                           f"got {tuple(features.shape)}")
+    return features
 
 
 def picture_of(image, image_size: int) -> Picture:
@@ -94,11 +102,9 @@ def prompt_pictures(config, input_ids: torch.Tensor, images: list | None = None)
     spans = image_spans(config, input_ids)
     size = config.visual.image_size
     if images is None:
-        loaded: dict[str, Picture] = {}
-        for reference in span_references(config, input_ids):
-            if reference not in loaded:
-                loaded[reference] = picture_of(reference, size)
-        return [loaded[reference] for reference in span_references(config, input_ids)]
+        references = span_references(config, input_ids)
+        loaded = {reference: picture_of(reference, size) for reference in dict.fromkeys(references)}
+        return [loaded[reference] for reference in references]
     if isinstance(images, torch.Tensor) and images.dim() == 4:  # a stack of pixels [n, 3, S, S]
         images = list(images.unbind(0))
     if not isinstance(images, (list, tuple)):
@@ -107,7 +113,7 @@ def prompt_pictures(config, input_ids: torch.Tensor, images: list | None = None)
         raise RequestError(f"{len(images)} images were given but the prompt has no <img></img> span")
     if len(images) != len(spans):
         raise RequestError(f"{len(images)} images were given for {len(spans)} <img></img> spans in the prompt")
-    return [im if is_features(im, config) else picture_of(im, size) for im in images]
+    return [_checked_features(im, config) if is_features(im) else picture_of(im, size) for im in images]
 
 
 def prompt_pixels(config, input_ids: torch.Tensor, images: list | None = None) -> list[torch.Tensor]:

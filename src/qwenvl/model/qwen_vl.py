@@ -160,11 +160,11 @@ class QWenLMHeadModel(nn.Module):
                                "<img></img> spans in the prompt (processor.prompt_pixels gives one per span)")
         if not all(isinstance(im, torch.Tensor) for im in images):
             raise RequestError("embed takes pixel or feature tensors; load pictures with qwenvl.processor")
-        pixels = {id(im): im for im in images if not processor.is_features(im, self.config)}
+        pixels = {id(im): im for im in images if not processor.is_features(im)}
         encoded = dict(zip(pixels, self.encode_images(torch.stack(list(pixels.values()))))) if pixels else {}
         x = x.clone()
         for (r, a), im in zip(spans, images):
-            f = im if processor.is_features(im, self.config) else encoded[id(im)]
+            f = im if processor.is_features(im) else encoded[id(im)]
             x[r, a + 1:a + 1 + f.shape[0]] = f.to(x.device, x.dtype)
         return x
 
