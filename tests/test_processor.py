@@ -173,3 +173,14 @@ def test_picture_digest_is_content_hash(model):
     a, b = Picture(pixels, size), Picture(pixels.clone(), size)
     assert a.digest == b.digest and a.digest != Picture(pixels + 1, size).digest
     assert [p.digest for p in prompt_pictures(model.config, torch.tensor([[1, 2]]), [])] == []
+
+
+def test_a_training_batchs_pixel_stack_is_passed_on_uncopied(processor, model, in_golden):
+    inputs = processor(CAPTION["prompt"])
+    stack = torch.stack(inputs["images"])
+    assert prompt_pixels(model.config, inputs["input_ids"], stack) is stack
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=inputs["input_ids"], images=stack).logits,
+                                   model(**inputs).logits, atol=1e-5, rtol=0)
+    with pytest.raises(RequestError, match=r"pixel stack for 1 <img></img> spans must have shape \(1, 3, 448, 448\)"):
+        prompt_pixels(model.config, inputs["input_ids"], torch.cat([stack, stack]))

@@ -116,8 +116,15 @@ def prompt_pictures(config, input_ids: torch.Tensor, images: list | None = None)
     return [_checked_features(im, config) if is_features(im) else picture_of(im, size) for im in images]
 
 
-def prompt_pixels(config, input_ids: torch.Tensor, images: list | None = None) -> list[torch.Tensor]:
-    """What the model takes beside the ids: per span, pixels [3, S, S] or features [n_queries, output_dim]."""
+def prompt_pixels(config, input_ids: torch.Tensor, images=None) -> "list[torch.Tensor] | torch.Tensor":
+    """What the model takes beside the ids: per span, pixels [3, S, S] or features [n_queries, output_dim].
+    A stack of pixels [n, 3, S, S] (a training batch's) is checked and passed on as it is, not copied."""
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        size, spans = config.visual.image_size, len(image_spans(config, input_ids))
+        if tuple(images.shape[1:]) != (3, size, size) or len(images) != spans:
+            raise RequestError(f"a pixel stack for {spans} <img></img> spans must have shape ({spans}, 3, {size}, "
+                               f"{size}), got {tuple(images.shape)}")
+        return images
     return [p.pixels if isinstance(p, Picture) else p for p in prompt_pictures(config, input_ids, images)]
 
 

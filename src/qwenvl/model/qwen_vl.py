@@ -158,13 +158,16 @@ class QWenLMHeadModel(nn.Module):
         if images is None or len(images) != len(spans):
             raise RequestError(f"{0 if images is None else len(images)} images were given for {len(spans)} "
                                "<img></img> spans in the prompt (processor.prompt_pixels gives one per span)")
-        if not all(isinstance(im, torch.Tensor) for im in images):
+        if isinstance(images, torch.Tensor):  # a stack of pixels [n, 3, S, S], one per span (training batches)
+            features = list(self.encode_images(images))
+        elif all(isinstance(im, torch.Tensor) for im in images):
+            pixels = {id(im): im for im in images if not processor.is_features(im)}  # a repeated picture: once
+            encoded = dict(zip(pixels, self.encode_images(torch.stack(list(pixels.values()))))) if pixels else {}
+            features = [im if processor.is_features(im) else encoded[id(im)] for im in images]
+        else:
             raise RequestError("embed takes pixel or feature tensors; load pictures with qwenvl.processor")
-        pixels = {id(im): im for im in images if not processor.is_features(im)}
-        encoded = dict(zip(pixels, self.encode_images(torch.stack(list(pixels.values()))))) if pixels else {}
         x = x.clone()
-        for (r, a), im in zip(spans, images):
-            f = im if processor.is_features(im) else encoded[id(im)]
+        for (r, a), f in zip(spans, features):
             x[r, a + 1:a + 1 + f.shape[0]] = f.to(x.device, x.dtype)
         return x
 
