@@ -407,3 +407,6 @@ def test_greedy_is_argmax_with_its_tie_rule():
     wide = torch.randn(32, 151936, generator=generator, dtype=torch.float64)
     wide[3, 100] = float("nan")
     assert torch.equal(greedy(wide), wide.float().argmax(-1))
+    for logits in (ties, wide.float()):  # bf16 logits (as a bf16 model gives them): the same indices as widened
+        logits = logits.bfloat16()
+        assert torch.equal(greedy(logits), logits.float().argmax(-1))

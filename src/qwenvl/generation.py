@@ -162,8 +162,9 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """argmax over the vocabulary (the first of equal maxima, as argmax): max's indices, 3.6x faster than argmax
-    on CPU for [32, 151936] float32 (1.6 ms against 5.6 ms here)."""
-    return logits.float().max(-1).indices
+    on CPU for [32, 151936] float32 (1.6 ms against 5.6 ms here). bfloat16 logits are compared as they are
+    (widening is exact and keeps the order, so the indices are the same without copying 4.9M values)."""
+    return (logits if logits.dtype in (torch.float32, torch.bfloat16) else logits.float()).max(-1).indices
 
 
 def next_tokens(logits: torch.Tensor, sequences: torch.Tensor, params: SamplingParams,

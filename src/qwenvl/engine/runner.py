@@ -80,16 +80,20 @@ class ModelRunner:
         for c in chunks:
             segments.append((c.seq.slot, c.start, c.length, offset))
             offset += c.length
+        # where every token's keys and values go: (slot, column) per token, written in one call per layer
+        slots = torch.tensor([c.seq.slot for c in chunks for _ in range(c.length)], device=device)
+        columns = torch.cat(positions)
         return Step(cos=cos, sin=sin, logn=logn, mask=None, start=0, cache=None,
-                    attend=lambda layer, q, k, v: self.attend(segments, layer, q, k, v))
+                    attend=lambda layer, q, k, v: self.attend(segments, (slots, columns), layer, q, k, v))
 
-    def attend(self, segments, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, segments, where, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         pool_k, pool_v = self.pool.k[layer], self.pool.v[layer]
-        out = torch.empty_like(q)
+        slots, columns = where
+        pool_k[slots, :, columns] = k[0].transpose(0, 1)
+        pool_v[slots, :, columns] = v[0].transpose(0, 1)
+        pieces = []
         for slot, start, length, offset in segments:
             end = start + length
-            pool_k[slot, :, start:end] = k[0, :, offset:offset + length]
-            pool_v[slot, :, start:end] = v[0, :, offset:offset + length]
             keys, values = pool_k[slot, None, :, :end], pool_v[slot, None, :, :end]
             query = q[:, :, offset:offset + length]
             if length == 1:
@@ -99,8 +103,8 @@ class ModelRunner:
             else:  # a later prefill chunk: causal, shifted by the columns already in the slot
                 mask = torch.arange(end, device=q.device)[None, :] <= torch.arange(start, end, device=q.device)[:, None]
                 o = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)
-            out[:, :, offset:offset + length] = o
-        return out
+            pieces.append(o)
+        return torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
 
     def run(self, chunks: list[Chunk]) -> torch.Tensor:
         """Logits [K, V] at the last column of each chunk that samples, in chunk order."""
