@@ -248,3 +248,32 @@ def test_bench_serve_measures_both_servers(model, tokenizer, capsys):
         assert r["tokens_per_s"] > 0 and 0 < r["ttft_p50"] <= r["ttft_p99"] and r["requests_per_s"] > 0
     printed = capsys.readouterr().out
     assert "conversation: turn 1 first token" in printed and printed.count("\n") >= 5
+
+
+@pytest.mark.skipif(not (Path(__file__).parents[1] / "src" / "qwenvl" / "demo_model" / "config.json").exists(),
+                    reason="demo model not built")
+def test_ignore_eos_answers_to_max_tokens():
+    """vLLM's `ignore_eos` extra: the bundled model answers the count question with one digit and stops; with
+    the flag it goes on to max_tokens (finish_reason length), as load tests need fixed-length answers."""
+    import qwenvl
+    from qwenvl.demo import DEMO_MODEL
+
+    model = qwenvl.AutoModelForCausalLM.from_pretrained(str(DEMO_MODEL), device_map="cpu")
+    tokenizer = qwenvl.AutoTokenizer.from_pretrained(str(DEMO_MODEL))
+    server = LocalServer(build_app(LLMEngine(model, max_num_seqs=2, kv_cache_tokens=2 * 400), tokenizer,
+                                   ServerSettings(served_model_name="demo")))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        picture = data_uri(Path(__file__).parents[1] / "examples" / "shapes.png")
+        messages = user((picture,), "How many shapes are there in the image?")
+        plain = client.chat.completions.create(model="demo", messages=messages, temperature=0, max_tokens=12)
+        assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens < 12
+        longer = client.chat.completions.create(model="demo", messages=messages, temperature=0, max_tokens=12,
+                                                extra_body={"ignore_eos": True})
+        assert longer.choices[0].finish_reason == "length" and longer.usage.completion_tokens == 12
+        assert longer.choices[0].message.content.startswith(plain.choices[0].message.content)
+        with pytest.raises(openai.BadRequestError):  # a typed field: not a boolean is refused by name
+            client.chat.completions.create(model="demo", messages=messages, max_tokens=2,
+                                           extra_body={"ignore_eos": "sometimes"})
+    finally:
+        server.stop()

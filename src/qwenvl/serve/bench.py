@@ -86,7 +86,7 @@ async def _load(url: str, requests: int, concurrency: int, max_tokens: int, pict
     async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
         async def run(i):
             body = {"model": "bench", "stream": True, "stream_options": {"include_usage": True},
-                    "max_tokens": max_tokens, "temperature": 0,
+                    "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,  # every answer max_tokens long
                     "messages": [{"role": "user", "content": [
                         {"type": "image_url", "image_url": {"url": pictures[i % len(pictures)]}},
                         {"type": "text", "text": f"Describe picture {i} in detail."}]}]}

@@ -184,6 +184,8 @@ def build_app(engine: LLMEngine, tokenizer, settings: ServerSettings | None = No
     def sampling(req, max_tokens: int | None, prompt_len: int) -> SamplingParams:
         config = engine.model.generation_config
         options = {"stop_words_ids": [[tokenizer.im_end_id], [tokenizer.im_start_id]]}
+        if req.ignore_eos:  # fixed-length answers, as load tests want them
+            options.update(stop_words_ids=[], eos_token_id=None)
         if max_tokens is None:
             max_tokens = max(min(config.max_new_tokens, engine.max_model_len - prompt_len), 1)
         options["max_new_tokens"] = max_tokens

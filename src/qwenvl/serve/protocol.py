@@ -1,5 +1,5 @@
 """The OpenAI API's request shapes, field by field (as the official SDK sends them), with the engine's
-extras (`top_k`, `repetition_penalty`) beside them; unknown fields are ignored, as OpenAI does."""
+extras (`top_k`, `repetition_penalty`, `ignore_eos`) beside them; unknown fields are ignored, as OpenAI does."""
 from __future__ import annotations
 
 from typing import Literal, Union
@@ -52,6 +52,7 @@ class SamplingFields(Base):
     user: str | None = None
     top_k: int | None = Field(default=None, ge=0)  # extra
     repetition_penalty: float | None = Field(default=None, gt=0)  # extra
+    ignore_eos: bool = False  # extra (vLLM's name): no end-of-text / end-of-turn stop, only max_tokens and `stop`
 
 
 class ChatCompletionRequest(SamplingFields):
