@@ -329,8 +329,25 @@ def scratch_plan(steps: int, vision_steps: int) -> list[dict]:
 def more_part(plan: list[dict], start: str, steps: int) -> dict:
     """One continuation round from checkpoint `start`: fresh optimizer, short warm-up, stage-2 settings."""
     k = 1 + sum(part["name"].startswith("more") for part in plan)
-    return {"name": f"more{k}", "stage": 2, "steps": steps, "lr": MORE_LR, "data": "more.json", "from": start,
+    data = "more.json" if k == 1 else f"more{k}.json"  # each round its own fresh pictures (data seed + k)
+    return {"name": f"more{k}", "stage": 2, "steps": steps, "lr": MORE_LR, "data": data, "from": start,
             "frozen": list(MORE_FROZEN)}
+
+
+def write_more_data(data_dir: Path, part: dict, n: int, seed: int, image_size: int) -> None:
+    """A continuation round's records (MORE_TASKS, fresh pictures of `seed`) as data_dir / part["data"]."""
+    folder = part["data"].removesuffix(".json")
+    path = synth.generate(data_dir / folder, n, seed=seed, split="train", image_size=image_size,
+                          langs=("en", "zh"), progress=True, tasks=MORE_TASKS)
+    records = json.loads(path.read_text(encoding="utf-8"))
+    for item in records:  # image paths relative to the data folder, as train.json's
+        for turn in item["conversations"]:
+            turn["value"] = turn["value"].replace("<img>images/", f"<img>{folder}/images/")
+        for image in item["meta"]["images"]:
+            image["file"] = f"{folder}/{image['file']}"
+    tmp = data_dir / (part["data"] + ".tmp")
+    tmp.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, data_dir / part["data"])
 
 
 def part_model(work: Path, part: dict) -> Path:
@@ -378,8 +395,9 @@ def build(out: str, work: str, n_train: int = 16000, steps: int = 1200, batch_si
         if not (start / "config.json").exists():
             raise OptionsError(f"--resume: {work} has no build and {start} no checkpoint to warm-start from")
         earlier = start / "build.json"
-        record = {"plan": [], "seconds": {}, "devices": [],
-                  "base_seconds": json.loads(earlier.read_text(encoding="utf-8"))["total_seconds"] if earlier.exists() else 0}
+        base_build = json.loads(earlier.read_text(encoding="utf-8")) if earlier.exists() else None
+        record = {"plan": [], "seconds": {}, "devices": [], "base": base_build,
+                  "base_seconds": base_build["total_seconds"] if base_build else 0}
         record["plan"].append(more_part(record["plan"], str(start.resolve()), more_steps))
     else:
         record = {"plan": scratch_plan(steps, vision_steps), "seconds": {}, "devices": [], "base_seconds": 0}
@@ -399,7 +417,7 @@ def build(out: str, work: str, n_train: int = 16000, steps: int = 1200, batch_si
     size = config.visual.image_size
     data_dir = work / "data"
     records = None
-    if any(part.get("data", "train.json") != "more.json" for part in record["plan"]):  # a build from scratch
+    if any(not part.get("data", "train.json").startswith("more") for part in record["plan"]):  # a build from scratch
         if not (data_dir / "train.json").exists():  # deterministic: a new machine regenerates the same records
             synth.generate(data_dir, record["n_train"], seed=record["seed"], split="train", image_size=size,
                            langs=("en", "zh"), progress=True, tasks=TRAIN_TASKS)
@@ -408,19 +426,10 @@ def build(out: str, work: str, n_train: int = 16000, steps: int = 1200, batch_si
             if tasks and not (data_dir / f"stage{stage}.json").exists():
                 chosen = [r for r in records if r["meta"]["task"] in tasks]
                 (data_dir / f"stage{stage}.json").write_text(json.dumps(chosen, ensure_ascii=False), encoding="utf-8")
-    if any(part.get("data") == "more.json" for part in record["plan"]) and not (data_dir / "more.json").exists():
-        more = synth.generate(data_dir / "more", record["n_train"], seed=record["seed"] + 1, split="train",
-                              image_size=size, langs=("en", "zh"), progress=True, tasks=MORE_TASKS)
-        more_records = json.loads(more.read_text(encoding="utf-8"))
-        for item in more_records:  # image paths relative to the data folder, as train.json's
-            for turn in item["conversations"]:
-                turn["value"] = turn["value"].replace("<img>images/", "<img>more/images/")
-            for image in item["meta"]["images"]:
-                image["file"] = "more/" + image["file"]
-        tmp = data_dir / "more.json.tmp"
-        tmp.write_text(json.dumps(more_records, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, data_dir / "more.json")
-
+    for part in record["plan"]:
+        if part.get("data", "").startswith("more") and not (data_dir / part["data"]).exists() and \
+                not part_model(work, part).joinpath("config.json").exists():
+            write_more_data(data_dir, part, record["n_train"], record["seed"] + int(part["name"][4:]), size)
     finished = True
     for part in record["plan"]:
         if part_model(work, part).joinpath("config.json").exists():
@@ -448,7 +457,8 @@ def build(out: str, work: str, n_train: int = 16000, steps: int = 1200, batch_si
         (out / "build.json").write_text(json.dumps({
             "parts": record["plan"], "seconds": {k: round(v) for k, v in record["seconds"].items()},
             "total_seconds": round(total), "devices": record["devices"], "n_train": record["n_train"],
-            "seed": record["seed"], "batch_size": record["batch_size"]}, indent=1) + "\n", encoding="utf-8")
+            "seed": record["seed"], "batch_size": record["batch_size"],
+            **({"base": record["base"]} if record.get("base") else {})}, indent=1) + "\n", encoding="utf-8")
     return {"finished": finished, "seconds": record["seconds"], "total_seconds": total, "devices": record["devices"]}
 
 
