@@ -272,7 +272,7 @@ def test_resume_without_a_work_folder_warm_starts_from_the_shipped_checkpoint(tm
     assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained on
     for name in demo.MORE_FROZEN:  # ... but left the embedding tables (the shipped big shards) as they were
         assert torch.equal(before[name + ".weight"], after[name + ".weight"])
-    more = json.loads((tmp_path / "new-machine" / "data" / "more.json").read_text(encoding="utf-8"))
+    more = json.loads((tmp_path / "new-machine" / "data" / "more1.json").read_text(encoding="utf-8"))
     assert not (tmp_path / "new-machine" / "data" / "train.json").exists()  # a warm start needs only its own data
     assert sum(r["meta"]["task"] == "grounding" for r in more) > len(more) / 4  # box questions weighted up
     assert all((tmp_path / "new-machine" / "data" / im["file"]).exists() for r in more for im in r["meta"]["images"])

@@ -308,7 +308,7 @@ def to_bf16(src: Path, dst: Path) -> None:
 # A build is a plan of parts kept in WORK/build.json (init with stage 0, stages 1-3; or continuation rounds),
 # each resumable and each done once its checkpoint exists; the seconds spent on each add up over chunks.
 MORE_STEPS, MORE_LR = 700, 5e-4  # a continuation round (stage-2 settings): run 5 + 700 such steps raised grounding 0.12 -> 0.20
-# Continuation rounds train on fresh pictures (data seed + 1) with grounding drawn as often as all the other
+# Continuation round k trains on fresh pictures (data seed + k) with grounding drawn as often as all the other
 # single tasks together (v1 learned every row but grounding). They keep the embedding and lm_head tables as they
 # are: those are 2 x 78 MB shards of the shipped checkpoint, and a submission's diffs are capped at 256 MiB
 # (removed + added bytes), so a round that changes them could never ship; the 14.5 MB shard of everything else
@@ -329,8 +329,7 @@ def scratch_plan(steps: int, vision_steps: int) -> list[dict]:
 def more_part(plan: list[dict], start: str, steps: int) -> dict:
     """One continuation round from checkpoint `start`: fresh optimizer, short warm-up, stage-2 settings."""
     k = 1 + sum(part["name"].startswith("more") for part in plan)
-    data = "more.json" if k == 1 else f"more{k}.json"  # each round its own fresh pictures (data seed + k)
-    return {"name": f"more{k}", "stage": 2, "steps": steps, "lr": MORE_LR, "data": data, "from": start,
+    return {"name": f"more{k}", "stage": 2, "steps": steps, "lr": MORE_LR, "data": f"more{k}.json", "from": start,
             "frozen": list(MORE_FROZEN)}
 
 
@@ -444,7 +443,8 @@ def build(out: str, work: str, n_train: int = 16000, steps: int = 1200, batch_si
                              stage=part["stage"], image_size=size, max_len=1024, batch_size=record["batch_size"],
                              max_steps=part["steps"], lr=part["lr"], warmup_ratio=0.03, weight_decay=0.01,
                              precision="bf16", log_every=20, seed=record["seed"] + part["stage"],
-                             num_workers=num_workers, keep_tied_rows=True, save_every=200, frozen=FROZEN + tuple(part.get("frozen", ())),
+                             num_workers=num_workers, keep_tied_rows=True, save_every=200,
+                             frozen=FROZEN + tuple(part.get("frozen", ())),
                              resume=True, deadline=deadline, save_dtype="fp32")  # bf16 only at the end
             finished = not train(args)["stopped"]
         record["seconds"][part["name"]] = record["seconds"].get(part["name"], 0) + time.time() - t0
