@@ -410,3 +410,8 @@ def test_greedy_is_argmax_with_its_tie_rule():
     for logits in (ties, wide.float()):  # bf16 logits (as a bf16 model gives them): the same indices as widened
         logits = logits.bfloat16()
         assert torch.equal(greedy(logits), logits.float().argmax(-1))
+    ties = torch.randint(0, 3, (32, 151936), generator=generator).bfloat16()  # the blocked path, ties across blocks
+    ties[5] = -1.0
+    ties[5, 151935] = 0.0  # the maximum in the last block only
+    assert torch.equal(greedy(ties), ties.float().argmax(-1))
+    assert torch.equal(greedy(ties[:, :5000]), ties[:, :5000].float().argmax(-1))  # not a multiple of the block

@@ -161,10 +161,38 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """argmax over the vocabulary (the first of equal maxima, as argmax): max's indices, 3.6x faster than argmax
-    on CPU for [32, 151936] float32 (1.6 ms against 5.6 ms here). bfloat16 logits are compared as they are
-    (widening is exact and keeps the order, so the indices are the same without copying 4.9M values)."""
-    return (logits if logits.dtype in (torch.float32, torch.bfloat16) else logits.float()).max(-1).indices
+    """argmax over the vocabulary (the first of equal maxima, as argmax). On CPU, several rows of logits go
+    through `_blocked_argmax` (for [32, 151936] bfloat16 about 2.5 ms here against 9-14 ms for `max` and more
+    for `argmax`, whose multi-row reductions run far slower than one row's); one row, and other devices, use
+    max's indices (3.6x faster than argmax for float32). bfloat16 logits are compared as they are (widening is
+    exact and keeps the order, so the indices are the same without copying 4.9M values)."""
+    if logits.dtype not in (torch.float32, torch.bfloat16):
+        logits = logits.float()
+    if logits.dim() == 2 and logits.shape[0] > 1 and logits.device.type == "cpu":
+        found = _blocked_argmax(logits)
+        if found is not None:
+            return found
+    return logits.max(-1).indices
+
+
+ARGMAX_BLOCK = 128
+
+
+def _blocked_argmax(logits: torch.Tensor) -> torch.Tensor | None:
+    """argmax of [R, V] through block maxima: amax over blocks of 128 columns (a reduction that runs at
+    memory speed), the first block that holds the row's maximum, and the first column inside it that equals
+    it, so ties resolve as argmax's. None where V is not a multiple of the block or a row holds NaN."""
+    rows, vocab = logits.shape
+    if vocab % ARGMAX_BLOCK:
+        return None
+    blocks = logits.view(rows, vocab // ARGMAX_BLOCK, ARGMAX_BLOCK)
+    block_max = blocks.amax(-1)
+    best = block_max.amax(-1, keepdim=True)
+    if bool(best.isnan().any()):  # argmax's answer is the first NaN; equality cannot find it
+        return None
+    first = (block_max == best).to(torch.uint8).argmax(-1)
+    inside = blocks[torch.arange(rows, device=logits.device), first]
+    return first * ARGMAX_BLOCK + (inside == best).to(torch.uint8).argmax(-1)
 
 
 def next_tokens(logits: torch.Tensor, sequences: torch.Tensor, params: SamplingParams,
