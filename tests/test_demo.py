@@ -357,8 +357,6 @@ def test_readme_example_answers_with_a_box_drawn_on_the_picture(tmp_path, capsys
 
 
 @needs_model
-@pytest.mark.xfail(strict=True, reason="the shipped model does not ground yet (README: grounding on held-out "
-                   "pictures); a model that does makes this pass, and strict=True then asks to drop the mark")
 def test_readme_example_grounds_the_red_circle(tmp_path, capsys):
     from qwenvl.eval.metrics import box_iou
 
